@@ -1,0 +1,118 @@
+"""Image decoding and resizing, defined once: training's file datasets and the runtime both call it.
+
+The encoder graph takes uint8 RGB [N,3,S,S] and normalizes inside, so everything that happens to
+pixels outside the graph is in this file, and the manifest names the policy (`RESIZE_POLICY`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_SIZE = 112
+RESIZE_POLICY = "shorter-side-bilinear-center-crop"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+_WHITE = (255, 255, 255)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Every mode a user's file may have, as 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_bit_depth_to_rgb(img)
+    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's own conversions are right for these.
+    return img.convert("RGB")
+
+
+def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit int / float) grey scaled into 0..255 rather than clipped at 255."""
+    a = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
+        a = a / 257.0  # 65535 -> 255
+    elif img.mode == "F" and a.max(initial=0) <= 1.0:
+        a = a * 255.0
+    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _open(path: Path) -> Image.Image:
+    name = str(path)
+    if not path.exists():
+        raise ImageError(f"{name}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{name}: is a directory, not an image (pass the files, or the directory to `captool run`)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.seek(0)  # animated GIF/PNG/WebP: the first frame
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode image ({e})") from None
+    return img
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """A path, PIL image or H×W×3 uint8 array as an upright 8-bit RGB PIL image."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ImageError(
+                f"array input must be H×W×3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
+            )
+        return Image.fromarray(np.ascontiguousarray(source), mode="RGB")
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (str, os.PathLike)):
+        img = _open(Path(source))
+    else:
+        raise ImageError(f"unsupported image input of type {type(source).__name__}: pass a path, a PIL image or an array")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not cost the image; keep it as stored
+        pass
+    return _to_rgb(img)
+
+
+def resize_crop(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """RESIZE_POLICY: scale the shorter side to `size` (bilinear, antialiased), then centre-crop."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(source: ImageSource, size: int = IMAGE_SIZE) -> np.ndarray:
+    """What the encoder graph takes for one image: uint8 [3, size, size], RGB."""
+    img = resize_crop(load_image(source), size)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))  # (H,W,3) -> (3,H,W)
+
