@@ -1,10 +1,10 @@
 """captool: caption images with a verified ONNX bundle, on onnxruntime alone (no PyTorch)."""
 
-from .errors import BundleError, CaptoolError, ImageError
+from .errors import BundleError, CaptoolError, DeviceError, ImageError
 
 __version__ = "0.1.0"
 
-__all__ = ["Captioner", "Caption", "CaptoolError", "BundleError", "ImageError", "__version__"]
+__all__ = ["Captioner", "Caption", "CaptoolError", "BundleError", "DeviceError", "ImageError", "__version__"]
 
 
 def __getattr__(name):

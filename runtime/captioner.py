@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .bundle import DECODER_STEP, ENCODER, Manifest, graph_signature, load_manifest
-from .decode import greedy
+from .bundle import Manifest, graph_signature, load_manifest
+from .decode import Beams, beam_search, greedy
 from .errors import BundleError, CaptoolError
 from .preprocess import ImageSource, preprocess
+from .sessions import BoundStep, io_binding_wanted, open_sessions, set_verbose
+
+log = logging.getLogger("captool")
+
+# onnxruntime's type strings for the dtypes a bundle uses.
+_ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32",
+               "tensor(float16)": "float16"}
 
 
 @dataclass(frozen=True)
@@ -24,74 +32,165 @@ class Caption:
 
 
 class Captioner:
-    """Runs a bundle: `encode` and `step` are the graphs, `generate` and `caption` the decoding loops."""
+    """Runs a bundle: `encode` and `step` are the graphs, `generate` and `caption` the decoding loops.
 
-    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: Optional[int] = None):
-        import onnxruntime as ort  # imported here so that `import captool` stays cheap
+    Args:
+        bundle_dir: a directory written by `captool export`; checked in full before any image is read.
+        device: "auto" (CUDA if it really loads, else CPU with a one-line notice in `.notice`),
+            "cpu", or "cuda" (a DeviceError naming what is missing if it cannot run).
+        threads: intra-op threads for the encoder (default: one per physical core); the decoder
+            step always runs on one (docs/runtime.md says why).
+        verbose: let onnxruntime's own warnings and errors through (process-wide setting).
+        io_binding: run the decoder step through IO binding; default on CUDA only (env
+            CAPTOOL_IO_BINDING=1/0 overrides the default).
+    """
 
+    def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: Optional[int] = None, *,
+                 verbose: bool = False, io_binding: Optional[bool] = None):
         self.manifest: Manifest = load_manifest(bundle_dir)
         self.vocab = self.manifest.vocab
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        self._encoder = ort.InferenceSession(str(self.manifest.root / ENCODER), opts, providers=providers)
-        self._decoder = ort.InferenceSession(str(self.manifest.root / DECODER_STEP), opts, providers=providers)
-        self.providers = self._encoder.get_providers()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise CaptoolError(f"threads must be a positive integer, got {threads!r}")
+        set_verbose(verbose)
+        self._encoder, self._decoder, placement = open_sessions(
+            self.manifest.encoder_path, self.manifest.decoder_step_path, device, threads, verbose)
+        self.device = placement.device
+        self.notice = placement.notice
+        if self.notice:
+            log.info(self.notice)
+        self.providers: list[str] = self._decoder.get_providers()
         self._check_graphs()
+        self._encoder_outputs = [o.name for o in self._encoder.get_outputs()]
+        self._step_outputs = [o.name for o in self._decoder.get_outputs()]
+        self.io_binding = io_binding_wanted(self.device, io_binding)
+        self._step_fn = BoundStep(self._decoder, self.device) if self.io_binding else self.step
+
+    # --- checks made at load, each with its own message -------------------------------------
 
     def _check_graphs(self) -> None:
-        want = graph_signature(self.manifest.cell_type)
+        m = self.manifest
+        want = graph_signature(m.cell_type)
+        promised = m.raw.get("graphs", {})
         for graph, sess in (("encoder", self._encoder), ("decoder_step", self._decoder)):
-            got_in = [i.name for i in sess.get_inputs()]
-            got_out = [o.name for o in sess.get_outputs()]
-            if sorted(got_in) != sorted(want[graph]["inputs"]) or sorted(got_out) != sorted(want[graph]["outputs"]):
-                raise BundleError(
-                    f"{self.manifest.root}: {graph} graph has inputs {got_in} and outputs {got_out}, "
-                    f"but a {self.manifest.cell_type} bundle needs {want[graph]}; re-export the bundle"
-                )
+            got = {"inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()]}
+            for side in ("inputs", "outputs"):
+                if sorted(got[side]) != sorted(want[graph][side]):
+                    raise BundleError(
+                        f"{m.root}: {graph}.onnx has {side} {got[side]}, but a {m.cell_type} bundle needs "
+                        f"{want[graph][side]}; the graph does not fit the manifest's cell type, re-export the bundle"
+                    )
+                names = [_name(e) for e in promised.get(graph, {}).get(side, [])]
+                if names and sorted(names) != sorted(got[side]):
+                    raise BundleError(
+                        f"{m.root}: the manifest promises {graph} {side} {names} but {graph}.onnx has "
+                        f"{got[side]}; the bundle is inconsistent, re-export it"
+                    )
+        self._check_io(self._encoder.get_inputs()[0], "encoder", "uint8", ["N", 3, m.image_size, m.image_size])
+        for arg in self._decoder.get_inputs():
+            if arg.name == "token":
+                self._check_io(arg, "decoder_step", "int64", ["N"])
+            elif arg.name in ("h", "c"):
+                self._check_io(arg, "decoder_step", None, ["N", m.hidden_dim])
         logits = next(o for o in self._decoder.get_outputs() if o.name == "logits")
-        if isinstance(logits.shape[-1], int) and logits.shape[-1] != len(self.vocab):
+        width = logits.shape[-1] if isinstance(logits.shape[-1], int) else self._probe_logits_width()
+        if width != len(self.vocab):
             raise BundleError(
-                f"{self.manifest.root}: decoder_step gives {logits.shape[-1]} logits but the manifest's "
-                f"vocabulary has {len(self.vocab)} tokens; the bundle is inconsistent, re-export it"
+                f"{m.root}: decoder_step gives {width} logits but the manifest's vocabulary has "
+                f"{len(self.vocab)} tokens; the bundle is inconsistent, re-export it"
             )
-        self._step_outputs = [o.name for o in self._decoder.get_outputs()]
-        self._encoder_outputs = [o.name for o in self._encoder.get_outputs()]
+
+    def _check_io(self, arg, graph: str, dtype: Optional[str], shape: list) -> None:
+        got_dtype = _ORT_DTYPES.get(arg.type, arg.type)
+        if dtype is not None and got_dtype != dtype:
+            raise BundleError(f"{self.manifest.root}: {graph} input '{arg.name}' is {got_dtype}, the bundle "
+                              f"format needs {dtype}; re-export the bundle")
+        fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
+        if len(arg.shape) != len(shape) or any(isinstance(arg.shape[i], int) and arg.shape[i] != d for i, d in fixed):
+            raise BundleError(f"{self.manifest.root}: {graph} input '{arg.name}' has shape {arg.shape}, the "
+                              f"manifest says {shape}; the bundle is inconsistent, re-export it")
+
+    def _probe_logits_width(self) -> int:
+        """The logits width when the graph leaves it symbolic: one decoder step on a zero state."""
+        feeds = {}
+        for arg in self._decoder.get_inputs():
+            dims = [1 if not isinstance(d, int) else d for d in arg.shape]
+            dtype = np.int64 if arg.name == "token" else np.dtype(_ORT_DTYPES.get(arg.type, "float32"))
+            feeds[arg.name] = np.zeros(dims, dtype=dtype)
+        return int(self.step(feeds)["logits"].shape[-1])
+
+    # --- the graphs --------------------------------------------------------------------------
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [N,3,S,S] -> the encoder's outputs by name (h0, plus c0 and features where present)."""
         s = self.manifest.image_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, s, s):
-            raise CaptoolError(f"encoder input must be uint8 [N,3,{s},{s}], got {images.dtype} {list(images.shape)}")
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+                or images.shape[1:] != (3, s, s):
+            got = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+            raise CaptoolError(f"encoder input must be uint8 [N,3,{s},{s}] (see captool.preprocess), got {got}")
         return dict(zip(self._encoder_outputs, self._encoder.run(self._encoder_outputs, {"image": images})))
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One decoder step: token and state in, logits and next state out, by name."""
+        """One decoder step: token and state in, logits and next state out, by name (numpy)."""
         return dict(zip(self._step_outputs, self._decoder.run(self._step_outputs, feeds)))
 
-    def generate(self, images: np.ndarray, beam_size: int = 1, max_length: Optional[int] = None) -> np.ndarray:
+    # --- decoding ----------------------------------------------------------------------------
+
+    def _max_length(self, max_length: Optional[int]) -> int:
+        if max_length is None:
+            return self.manifest.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise CaptoolError(f"max_length must be a positive integer, got {max_length!r}")
+        return int(max_length)
+
+    def beam_search(self, images: np.ndarray, beam_size: int, max_length: Optional[int] = None,
+                    length_penalty: float = 0.0) -> Beams:
+        """uint8 [N,3,S,S] -> all k hypotheses per image with their scores, best first."""
+        if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
+            raise CaptoolError(f"beam_size must be a positive integer, got {beam_size!r}")
+        v = self.vocab
+        return beam_search(self.encode(images), self._step_fn, beam_size=int(beam_size),
+                           start_id=v.start_id, end_id=v.end_id, null_id=v.null_id,
+                           max_length=self._max_length(max_length), length_penalty=length_penalty)
+
+    def generate(self, images: np.ndarray, beam_size: int = 1, max_length: Optional[int] = None,
+                 length_penalty: float = 0.0) -> np.ndarray:
         """uint8 [N,3,S,S] -> int64 [N, L] token ids (`<END>` kept, `<NULL>` after it)."""
         if beam_size != 1:
-            raise CaptoolError("beam search is not available yet; use beam_size=1")
+            return self.beam_search(images, beam_size, max_length, length_penalty).best
         v = self.vocab
-        return greedy(
-            self.encode(images), self.step,
-            start_id=v.start_id, end_id=v.end_id, null_id=v.null_id,
-            max_length=max_length or self.manifest.max_length,
-        )
+        return greedy(self.encode(images), self._step_fn, start_id=v.start_id, end_id=v.end_id,
+                      null_id=v.null_id, max_length=self._max_length(max_length))
+
+    def to_caption(self, row: np.ndarray, path: Optional[str] = None) -> Caption:
+        """One row of `generate` as a Caption: the words before `<END>`, without `<NULL>`/`<START>`."""
+        v = self.vocab
+        ids = []
+        for i in row:
+            i = int(i)
+            if i == v.end_id:
+                break
+            if i not in (v.null_id, v.start_id):
+                ids.append(i)
+        return Caption(text=" ".join(v.idx_to_token[i] for i in ids), tokens=ids, path=path)
 
     def caption(self, images: Sequence[ImageSource] | ImageSource, beam_size: int = 1,
-                max_length: Optional[int] = None) -> list[Caption]:
-        """Caption paths, PIL images or H×W×3 uint8 arrays; one `Caption` per image, in order."""
+                max_length: Optional[int] = None, *, length_penalty: float = 0.0,
+                batch_size: int = 32) -> list[Caption]:
+        """Caption paths, PIL images or H×W×3 uint8 arrays; one `Caption` per image, in order.
+
+        An unreadable image raises ImageError; `captool run` instead reports it and goes on.
+        """
         if not isinstance(images, (list, tuple)):
             images = [images]
-        batch = np.stack([preprocess(im, self.manifest.image_size) for im in images])  # (N,3,S,S)
-        tokens = self.generate(batch, beam_size=beam_size, max_length=max_length)
-        out = []
-        for im, row in zip(images, tokens):
-            words = self.vocab.words(row)
-            ids = [self.vocab.token_to_idx[w] for w in words]
-            out.append(Caption(text=" ".join(words), tokens=ids, path=str(im) if isinstance(im, (str, Path)) else None))
+        out: list[Caption] = []
+        for lo in range(0, len(images), batch_size):
+            chunk = images[lo:lo + batch_size]
+            batch = np.stack([preprocess(im, self.manifest.image_size) for im in chunk])  # (n,3,S,S)
+            tokens = self.generate(batch, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+            for im, row in zip(chunk, tokens):
+                out.append(self.to_caption(row, str(im) if isinstance(im, (str, Path)) else None))
         return out
+
+
+def _name(entry) -> str:
+    return entry["name"] if isinstance(entry, dict) else str(entry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -23,6 +24,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _commands() -> None:
+    # A callback keeps `captool synth ...` a subcommand even while only one command is registered
+    # (typer otherwise runs a lone command as the whole program).
+    pass
+
 
 # Which extra provides each heavy module, for the "install captool[...]" message.
 _EXTRA_OF = {"torch": "train", "torchvision": "train", "safetensors": "train", "onnx": "export",
@@ -65,9 +74,222 @@ def synth(
     """Write a procedurally generated dataset of shape scenes with reference captions and scene facts."""
     from .synth import write_dataset
 
+    def progress(split: str, done: int, total: int) -> None:
+        if total >= 1000 and (done % 1000 == 0 or done == total):
+            typer.echo(f"synth: {split} {done}/{total}", err=True)
+
     with errors_to_exit():
-        summary = write_dataset(out, train=train, val=val, seed=seed)
+        summary = write_dataset(out, train=train, val=val, seed=seed, progress=progress)
     typer.echo(summary)
+
+
+@app.command(name="eval")
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="A bundle directory (onnxruntime, no torch needed) or a checkpoint "
+                                               "run directory (sampled by PyTorch itself, for comparison).")],
+    data: Annotated[Path, typer.Option(help="A `captool synth` or COCO captions directory, a captions_*.json, a "
+                                            "Karpathy dataset_*.json, or the course's coco.pt (needs torch).")],
+    split: Annotated[str, typer.Option(help="Split to caption and score.")] = "val",
+    beam_size: Annotated[int, typer.Option(help="Beam width (bundles only; 1 is greedy).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder/decoder batch.")] = 32,
+    max_images: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder holding the images, where it is not found "
+                                                        "beside the annotations.")] = None,
+    tokenizer: Annotated[str, typer.Option(help="auto (PTB when java is on PATH), ptb (pycocoevalcap's, needs "
+                                                "java) or simple (captool.vocab.tokenize).")] = "auto",
+    meteor: Annotated[bool, typer.Option(help="Also compute METEOR (pycocoevalcap's jar; needs java and ~2 GB). "
+                                              "SPICE is not offered: it needs Stanford models downloaded.")] = False,
+    device: Annotated[str, typer.Option(help="Bundles: auto, cpu or cuda.")] = "auto",
+    predictions: Annotated[Optional[Path], typer.Option(help="Also write the captions as a COCO results file "
+                                                             "([{image_id, caption}]).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+) -> None:
+    """Caption a dataset split and score it: BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap), fact accuracy on synth data.
+
+    Exit codes: 0 scored, 1 scored but some images could not be read, 2 usage, data or model error.
+    """
+    with errors_to_exit():
+        need("pycocoevalcap.bleu.bleu")
+        from .evaluate import evaluate, is_bundle, write_predictions
+
+        if not is_bundle(model):
+            need("torch")
+            need("captool.training")
+        report = evaluate(model, data, split=split, beam_size=beam_size, batch_size=batch_size,
+                          max_images=max_images, tokenizer=tokenizer, meteor=meteor, image_dir=images,
+                          device=device, warn=lambda m: typer.echo(f"captool: warning: {m}", err=True))
+        if predictions is not None:
+            write_predictions(report, predictions)
+    typer.echo(json.dumps(report.to_json()) if as_json else report.table())
+    if report.n_skipped:
+        raise typer.Exit(code=1)
+
+
+@app.command(name="bench")
+def bench_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle directory to benchmark.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="The checkpoint run directory the bundle was exported "
+                                                            "from: PyTorch's figures side by side (needs torch).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the figures into this PNG file.")] = None,
+    images: Annotated[int, typer.Option(help="Number of images (synth scenes, or the first of --image-dir).")] = 16,
+    repeats: Annotated[int, typer.Option(help="Timed calls per figure (batch 8 and 64: a fifth, at least 3).")] = 20,
+    cold: Annotated[bool, typer.Option(help="Measure cold start: whole `captool run` vs PyTorch script processes.")] = True,
+    cold_repeats: Annotated[int, typer.Option(help="Cold-start runs per side (the median is reported).")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime and torch alike "
+                                                        "(default: each library's own).")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(help="Benchmark on these image files instead of synth scenes.")] = None,
+) -> None:
+    """Latency, throughput, decoder step and cold start of the runtime vs PyTorch, and the hardware floor."""
+    with errors_to_exit():
+        if checkpoint is not None:
+            need("torch")
+            need("captool.training")
+        if plot is not None:
+            need("matplotlib")
+        from .bench import bench, table
+        from .bench import plot as draw
+
+        report = bench(bundle, checkpoint, images=images, repeats=repeats, cold=cold,
+                       cold_repeats=cold_repeats, threads=threads, image_dir=image_dir)
+        if plot is not None:
+            draw(report, plot)
+    typer.echo(json.dumps(report) if as_json else table(report))
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoint, training state, cached features.")],
+    data: Annotated[Optional[Path], typer.Option(
+        help="coco.pt, a COCO captions folder or JSON, or a Karpathy dataset_*.json (not needed with --resume).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the image files, when not beside the annotations.")] = None,
+    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, lstm or attention.")] = "rnn",
+    epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: up to this many).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Examples (image, caption) per step.")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_decay: Annotated[float, typer.Option(help="Learning rate factor per epoch (epoch e: lr * decay**e).")] = 1.0,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden state size.")] = 512,
+    wordvec_dim: Annotated[int, typer.Option(help="Word vector size.")] = 256,
+    backbone: Annotated[str, typer.Option(
+        help="MobileNetV2 weights: imagenet (torchvision's cache), a state-dict file, or none (random, trained).")] = "imagenet",
+    backbone_width: Annotated[float, typer.Option(help="MobileNetV2 width multiplier (1.0 is the seed's).")] = 1.0,
+    train_backbone: Annotated[bool, typer.Option("--train-backbone", help="Train MobileNetV2 end to end too.")] = False,
+    overfit: Annotated[Optional[int], typer.Option(
+        help="Train on N examples only, the first caption of the first N images; with the seed's 80 epochs "
+             "and batch 50 unless given.")] = None,
+    min_count: Annotated[int, typer.Option(help="Words seen fewer times become <UNK> (JSON datasets).")] = 1,
+    one_caption_per_image: Annotated[bool, typer.Option(
+        "--one-caption-per-image",
+        help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+) -> None:
+    """Train a captioner: a checkpoint per epoch in --out, resumable, stopped on a NaN loss."""
+    # Only the options given on the command line: with --resume the others come from the run itself.
+    # (Compared by name: typer vendors its own copy of click's ParameterSource.)
+    given = {name: str(value) if isinstance(value, Path) else value for name, value in ctx.params.items()
+             if name != "resume" and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    if overfit is not None and not resume:
+        seed_run = {k: v for k, v in (("epochs", 80), ("batch_size", min(50, overfit))) if k not in given}
+        if seed_run:
+            typer.echo(f"train: --overfit {overfit} with the seed's {seed_run}", err=True)
+        given.update(seed_run)
+    with errors_to_exit():
+        training = need("captool.training.train")
+        if resume:
+            config = training.resume_config(out, **given)
+        elif data is None:
+            raise fail("--data is required (except with --resume)")
+        else:
+            config = training.TrainConfig(**given)
+        run = training.TrainingRun(config, resume=resume)
+    with errors_to_exit(code=1):
+        result = run.fit()
+    typer.echo(result.summary())
+
+
+@app.command("run")
+def run_command(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, directories (searched recursively for image files) and globs.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(
+        help="Bundle directory (from `captool export`); default: the bundle shipped with captool.")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if it loads, else CPU), cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width; 1 is greedy decoding.")] = 1,
+    max_length: Annotated[Optional[int], typer.Option(
+        min=1, help="Most tokens per caption; default: the bundle's.", show_default=False)] = None,
+    length_penalty: Annotated[float, typer.Option(
+        min=0.0, help="Beam search length normalization alpha (GNMT's ((5+len)/6)**alpha); 0 is none.")] = 0.0,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input, in input order.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads for the encoder (default: one per core).", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log and the providers.")] = False,
+) -> None:
+    """Caption images on onnxruntime, no PyTorch needed. Exit 0: all captioned; 1: some input failed; 2: usage or bundle error."""
+    from .run import run_inputs
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"unknown --device {device!r}; use auto, cpu or cuda")
+    try:
+        with errors_to_exit():
+            code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
+                              max_length=max_length, length_penalty=length_penalty, threads=threads,
+                              as_json=json_lines, verbose=verbose)
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except BrokenPipeError:  # `captool run ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        raise typer.Exit(code=0) from None
+    raise typer.Exit(code=code)
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="Checkpoint run directory (or its model.json) from `captool train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write; it appears only once validation passes.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset of both graphs (18 or higher).")] = 18,
+    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token.
+
+    Exit 0: bundle written; 1: validation failed (the table says where; nothing written); 2: usage or checkpoint error.
+    """
+    with errors_to_exit():
+        need("onnx")  # first, so that a box without torch and onnx is told the 'export' extra
+        export = need("captool.export")
+        try:
+            report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force)
+        except export.ExportError as e:
+            if e.report is None:
+                raise
+            typer.echo(e.report.table())
+            raise fail(str(e), code=1) from None
+    typer.echo(report.table())
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.iterdir()) if p.suffix == ".onnx")
+    typer.echo(f"export: wrote {out} ({sizes})")
+
+
+@app.command("verify")
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle directory to check.")],
+    checkpoint: Annotated[Path, typer.Option(help="The checkpoint run directory the bundle was exported from.")],
+    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as one JSON object.")] = False,
+) -> None:
+    """Prove a bundle equal to its checkpoint's PyTorch model: tensors within 1e-4, greedy tokens identical.
+
+    Exit 0: equal; 1: they differ (or the bundle is of another checkpoint); 2: usage, bundle or checkpoint error.
+    """
+    with errors_to_exit():
+        need("onnx")
+        export = need("captool.export")
+        report = export.verify_bundle(bundle, checkpoint, images=images)
+    typer.echo(json.dumps(report.to_json()) if as_json else report.table())
+    raise typer.Exit(code=0 if report.ok else 1)
 
 
 def main() -> None:

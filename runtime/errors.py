@@ -13,6 +13,10 @@ class ImageError(CaptoolError):
     """One input image cannot be read; other inputs are still processed."""
 
 
+class DeviceError(CaptoolError):
+    """The device asked for cannot run here (CUDA libraries or driver missing, unknown device)."""
+
+
 class MissingExtraError(CaptoolError):
     """A command needs an optional dependency group that is not installed."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -30,10 +30,14 @@ _WHITE = (255, 255, 255)
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Every mode a user's file may have, as 8-bit RGB; transparency is composited on white."""
     mode = img.mode
+    if "transparency" in img.info and mode in ("P", "L", "RGB"):
+        # A palette entry or a colour key marks transparent pixels (PNG tRNS, GIF): alpha first.
+        img = img.convert("RGBA")
+        mode = img.mode
     if mode == "RGB":
         return img
     if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        img = img.convert("RGB")
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -53,10 +57,16 @@ def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "F" and a.max(initial=0) <= 1.0:
         a = a * 255.0
     grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _open(path: Path) -> Image.Image:
+    """Decode a file's first frame fully (so the file is closed), or raise ImageError saying why."""
     name = str(path)
     if not path.exists():
         raise ImageError(f"{name}: no such file")
@@ -65,17 +75,29 @@ def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error either way.
+            # (catch_warnings swaps a process-wide filter list: fine for captool's one loader thread.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            img.seek(0)  # animated GIF/PNG/WebP: the first frame
-            img.load()
+            with Image.open(path) as img:
+                img.seek(0)  # animated GIF/PNG/WebP: the first frame
+                img.load()
+                # EXIF is read from the file here; the transposed copy outlives the closed file.
+                return _upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+        raise ImageError(f"{name}: refused as a decompression bomb ({_one_line(e)})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: cannot decode image ({e})") from None
-    return img
+    except PermissionError:
+        raise ImageError(f"{name}: permission denied") from None
+    except Exception as e:  # truncated data and Pillow's decoders' many other complaints
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; always returns a new image, so the source may be closed."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not cost the image; keep it as stored
+        return img.copy()
 
 
 def load_image(source: ImageSource) -> Image.Image:
@@ -85,18 +107,17 @@ def load_image(source: ImageSource) -> Image.Image:
             raise ImageError(
                 f"array input must be H×W×3 uint8 RGB, got shape {source.shape} dtype {source.dtype}"
             )
-        return Image.fromarray(np.ascontiguousarray(source), mode="RGB")
+        return Image.fromarray(np.ascontiguousarray(source))
     if isinstance(source, Image.Image):
-        img = source
+        img, name = _upright(source), "image"
     elif isinstance(source, (str, os.PathLike)):
-        img = _open(Path(source))
+        img, name = _open(Path(source)), str(source)
     else:
         raise ImageError(f"unsupported image input of type {type(source).__name__}: pass a path, a PIL image or an array")
     try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not cost the image; keep it as stored
-        pass
-    return _to_rgb(img)
+        return _to_rgb(img)
+    except Exception as e:  # an exotic mode Pillow cannot convert
+        raise ImageError(f"{name}: cannot convert mode {img.mode} to RGB ({_one_line(e)})") from None
 
 
 def resize_crop(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:

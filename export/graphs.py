@@ -1,0 +1,241 @@
+"""Tracing the model's two graphs to ONNX (encoder.onnx, decoder_step.onnx) and the checks each must pass.
+
+One plain function per graph: a thin wrapper module fixes the input/output names and their order
+from `captool.bundle.graph_signature`, and torch.onnx's dynamo exporter traces it at a batch of 2
+with the batch axis dynamic. docs/export.md says why this exporter and not the TorchScript one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from captool.bundle import graph_signature
+
+from .validate import ExportError
+
+MIN_OPSET = 18  # the dynamo exporter writes 18 natively; its conversion down to 17 breaks Split (docs/export.md)
+DEFAULT_OPSET = 18
+TRACE_BATCH = 2  # a batch of 1 may be frozen into the graph; validation then runs at 1, 3 and 17
+BATCH = "N"  # the symbolic batch axis, in the graphs and in the manifest
+
+# Control flow would break IO binding and CUDA graph capture.
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+# ONNX ops that onnxruntime's CUDA provider has kernels for (checked against the kernel classes in
+# onnxruntime-gpu 1.31's libonnxruntime_providers_cuda.so). An op outside this set would fall back to
+# the CPU provider and force copies between devices on every step.
+CUDA_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Neg", "Exp", "Log", "Abs", "Erf", "Reciprocal",
+    "MatMul", "Gemm", "Conv", "Clip", "Relu", "Sigmoid", "Tanh", "Softmax", "LogSoftmax",
+    "Cast", "Gather", "GatherND", "GatherElements", "Unsqueeze", "Squeeze", "Reshape", "Flatten",
+    "Transpose", "Split", "Slice", "Concat", "Expand", "ConstantOfShape", "Constant", "Identity", "Shape",
+    "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "BatchNormalization", "Where", "Equal",
+    "Max", "Min",
+})
+# Ops that may yield int64 tensors as indices or shapes; any other op yielding int64 does int64 arithmetic.
+INDEX_OPS = frozenset({"Gather", "GatherND", "GatherElements", "Unsqueeze", "Squeeze", "Reshape", "Shape",
+                       "Expand", "Slice", "Concat", "Cast", "ConstantOfShape", "Identity", "Split"})
+
+_DTYPES = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32",
+           onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT8: "int8"}
+
+
+# The wrappers register only the submodules their graph uses, so the trace lifts those weights alone
+# (the step never touches MobileNetV2; lifting it anyway doubles the step's export time), and the
+# model's own `encode` / `step` are called, not copies of them.
+
+
+class EncoderGraph(nn.Module):
+    """encoder.onnx: uint8 image (N, 3, S, S) -> h0 (N, H) [, c0 (N, H), features (N, H, 4, 4)]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.feature_extractor, self.feature_projector = model.feature_extractor, model.feature_projector
+        self._encode = model.encode
+        self.outputs = graph_signature(model.config.cell_type)["encoder"]["outputs"]
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        out = self._encode(image)
+        return tuple(out[name] for name in self.outputs)
+
+
+class DecoderStepGraph(nn.Module):
+    """decoder_step.onnx: token (N,), h [, c, features] -> logits (N, V), h_next [, c_next, attn_weights]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.word_embedding, self.cell, self.out_projector = model.word_embedding, model.cell, model.out_projector
+        self._step = model.step
+        self.outputs = graph_signature(model.config.cell_type)["decoder_step"]["outputs"]
+
+    def forward(self, token: Tensor, h: Tensor, c: Tensor | None = None, features: Tensor | None = None):
+        out = self._step(token, h, c, features)
+        return tuple(out[name] for name in self.outputs)
+
+
+def example_images(model: nn.Module, batch: int = TRACE_BATCH) -> Tensor:
+    """A fixed uint8 batch (N, 3, S, S) to trace with; the values do not shape the graph."""
+    g = torch.Generator().manual_seed(0)
+    s = model.config.image_size
+    return torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
+
+
+def export_encoder(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
+    """Trace `model.encode` into `path` (model on CPU, float32, eval)."""
+    names = graph_signature(model.config.cell_type)["encoder"]
+    _export(EncoderGraph(model), (example_images(model, batch),), names["inputs"], names["outputs"], path, opset)
+
+
+def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
+    """Trace one `model.step` into `path`, with the state that `encode` gives for the example images."""
+    names = graph_signature(model.config.cell_type)["decoder_step"]
+    with torch.no_grad():
+        state = model.encode(example_images(model, batch))
+    token = torch.arange(batch, dtype=torch.int64) % model.config.vocab_size  # (N,)
+    by_input = {"token": token, "h": state["h0"], "c": state.get("c0"), "features": state.get("features")}
+    # Clones: attention's h0 and c0 are one tensor, and torch.export merges aliased inputs into one.
+    args = tuple(by_input[name].clone() for name in names["inputs"])
+    _export(DecoderStepGraph(model), args, names["inputs"], names["outputs"], path, opset)
+
+
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path, opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} and up "
+            f"(its conversion to older opsets produces invalid Split nodes); pass --opset {MIN_OPSET} or higher"
+        )
+    module.eval()
+    batch = torch.export.Dim(BATCH, min=1, max=1 << 16)
+    dynamic = {name: {0: batch} for name in inputs}
+    # The exporter prints its progress and warns that names shared by one Dim are merged: not ours to show.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, input_names=inputs, output_names=outputs, opset_version=opset,
+            dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False,
+        )
+    model = program.model_proto
+    _name_batch_axis(model)
+    _strip_metadata(model)
+    onnx.save_model(model, str(path))
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's debugging annotations: stack traces with this machine's paths, and the
+    ExportedProgram's signature (40 kB even for a tiny step). The bundle's bytes then depend on the
+    weights and the code only."""
+    del model.graph.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def _name_batch_axis(model: onnx.ModelProto) -> None:
+    """Every graph input's and output's first axis is the symbolic "N" (the exporter may name it otherwise)."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = BATCH
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the graphs must be, and the checks
+
+
+def io_specs(config) -> dict[str, dict[str, list[dict]]]:
+    """Names, dtypes and shapes of both graphs' inputs and outputs for a ModelConfig ("N" = batch)."""
+    H, V, S = config.hidden_dim, config.vocab_size, config.image_size
+    shapes = {
+        "image": ("uint8", [BATCH, 3, S, S]), "token": ("int64", [BATCH]),
+        "h0": ("float32", [BATCH, H]), "c0": ("float32", [BATCH, H]), "features": ("float32", [BATCH, H, 4, 4]),
+        "h": ("float32", [BATCH, H]), "c": ("float32", [BATCH, H]),
+        "logits": ("float32", [BATCH, V]), "h_next": ("float32", [BATCH, H]), "c_next": ("float32", [BATCH, H]),
+        "attn_weights": ("float32", [BATCH, 4, 4]),
+    }
+    spec = {}
+    for graph, io_names in graph_signature(config.cell_type).items():
+        spec[graph] = {
+            side: [{"name": n, "dtype": shapes[n][0], "shape": shapes[n][1]} for n in names]
+            for side, names in io_names.items()
+        }
+    return spec
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What check_graph found: node count, op types, opset."""
+
+    nodes: int
+    op_types: dict[str, int]
+    opset: int
+
+
+def _value_spec(value: onnx.ValueInfoProto) -> dict:
+    t = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    return {"name": value.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
+
+
+def check_graph(path: Path, graph: str, expected: dict[str, list[dict]]) -> GraphInfo:
+    """The ONNX checker, strict shape inference, names/dtypes/shapes as promised, and a clean graph.
+
+    Clean: no control flow, every op one the CUDA provider runs, no int64 arithmetic, every input
+    used, every output computed by a node, no node whose result nobody reads.
+    """
+    where = f"{path.name}"
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{where}: the ONNX checker rejects the exported graph: {str(e).splitlines()[0]}") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ExportError(f"{where}: written at opset {opset}, below the minimum {MIN_OPSET}")
+
+    for side, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        got = [_value_spec(v) for v in values]
+        if got != expected[side]:
+            raise ExportError(f"{where}: {graph} {side} are {got}, the bundle format needs {expected[side]}")
+
+    nodes = list(model.graph.node)
+    ops = Counter(n.op_type for n in nodes)
+    foreign = sorted({n.domain for n in nodes if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise ExportError(f"{where}: uses custom op domains {foreign}; the bundle must be plain ONNX")
+    if CONTROL_FLOW_OPS & set(ops):
+        raise ExportError(f"{where}: has control flow {sorted(CONTROL_FLOW_OPS & set(ops))}; the step must be a straight graph")
+    off_gpu = sorted(set(ops) - CUDA_OPS)
+    if off_gpu:
+        raise ExportError(f"{where}: ops {off_gpu} have no CUDA kernel in onnxruntime; change the model code that makes them")
+
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    # Shape-like int64 inputs (axes, splits) are fine; an op other than indexing that yields int64 is math.
+    int64_math = sorted({n.op_type for n in nodes if n.op_type not in INDEX_OPS
+                         and any(types.get(y) == onnx.TensorProto.INT64 for y in n.output)})
+    if int64_math:
+        raise ExportError(f"{where}: {int64_math} compute on int64 tensors; keep int64 to the token lookup")
+
+    consumed = {x for n in nodes for x in n.input if x}
+    produced = {y for n in nodes for y in n.output if y}
+    graph_outputs = {o.name for o in model.graph.output}
+    dead_inputs = [i.name for i in model.graph.input if i.name not in consumed]
+    if dead_inputs:
+        raise ExportError(f"{where}: inputs {dead_inputs} are never used by the graph")
+    uncomputed = sorted(graph_outputs - produced)
+    if uncomputed:
+        raise ExportError(f"{where}: outputs {uncomputed} are not computed by any node (constants or pass-through)")
+    dead_nodes = [n.name for n in nodes if not any(y in consumed or y in graph_outputs for y in n.output if y)]
+    if dead_nodes:
+        raise ExportError(f"{where}: nodes {dead_nodes[:5]} compute results nobody reads")
+    return GraphInfo(nodes=len(nodes), op_types=dict(sorted(ops.items())), opset=opset)

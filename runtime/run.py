@@ -1,0 +1,279 @@
+"""`captool run`'s machinery: inputs to image paths, a loader thread, one output record per input.
+
+Images are decoded and preprocessed on a loader thread, a bounded queue of batches ahead of the
+decoder, so memory stays flat however many inputs there are, and a bad input becomes its record
+while the inputs around it are still captioned, in input order.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .bundle import MANIFEST
+from .errors import BundleError, ImageError
+from .preprocess import IMAGE_EXTENSIONS, preprocess
+
+DEFAULT_BUNDLE = "shapes-rnn"
+PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
+_GLOB_CHARS = set("*?[")
+
+
+def default_bundle() -> Path:
+    """The bundle `captool run` uses without --model, looked for in this order:
+
+    1. $CAPTOOL_MODEL, if set (a bundle directory);
+    2. the package data of an installed captool: <site-packages>/captool/models/shapes-rnn;
+    3. the `captool.models` package wherever it maps to (an editable install maps it to models/);
+    4. a source checkout: <repo>/models/shapes-rnn beside runtime/.
+    """
+    env = os.environ.get("CAPTOOL_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    candidates = [here / "models" / DEFAULT_BUNDLE]
+    try:
+        spec = importlib.util.find_spec("captool.models")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidates.append(Path(location) / DEFAULT_BUNDLE)
+    candidates.append(here.parent / "models" / DEFAULT_BUNDLE)
+    for candidate in candidates:
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise BundleError(f"no --model given and no default bundle found (looked in {looked}); pass --model "
+                      f"BUNDLE (a directory written by `captool export`) or set CAPTOOL_MODEL")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input as the user will see it: a path, or a path with the reason it gives no image."""
+
+    path: str
+    error: Optional[str] = None
+
+
+def _directory_images(root: Path) -> list[str]:
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return [str(p) for p in sorted(found, key=lambda p: p.relative_to(root).parts)]
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Item]:
+    """INPUTs as items, in the order given: files as they are, directories as their image files
+    (recursively, sorted), globs as their matches (sorted; for shells that do not expand them).
+    A directory without images or a glob without matches is an item with an error."""
+    items: list[Item] = []
+    for arg in inputs:
+        path = Path(arg)
+        if path.is_dir():
+            found = _directory_images(path)
+            items += [Item(p) for p in found] or [Item(arg, f"{arg}: no image files in this directory")]
+        elif path.exists() or not (_GLOB_CHARS & set(arg)):
+            items.append(Item(arg))  # a missing path still gets its record, from the loader
+        else:
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                items.append(Item(arg, f"{arg}: no files match this pattern"))
+            for match in matches:
+                items += [Item(p) for p in _directory_images(Path(match))] if Path(match).is_dir() else [Item(match)]
+    return items
+
+
+@dataclass
+class Batch:
+    items: list[Item]  # every input of this batch, in order, errors included
+    images: np.ndarray  # uint8 (n, 3, S, S): the readable ones, in order
+    readable: list[int]  # index into items of each row of images
+
+
+def _read(item: Item, size: int) -> tuple[Item, Optional[np.ndarray]]:
+    if item.error:
+        return item, None
+    try:
+        return item, preprocess(item.path, size)
+    except ImageError as e:
+        return Item(item.path, str(e)), None
+    except Exception as e:  # the last line of defence: no traceback for any input
+        return Item(item.path, f"{item.path}: cannot read image ({type(e).__name__}: {e})"), None
+
+
+def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int = 2) -> Iterator[Batch]:
+    """Batches of preprocessed images, made on a thread at most `depth` batches ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(thing) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(thing, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def make(chunk: list[tuple[Item, Optional[np.ndarray]]]) -> Batch:
+        readable = [i for i, (_, a) in enumerate(chunk) if a is not None]
+        images = np.stack([chunk[i][1] for i in readable]) if readable else np.zeros((0, 3, size, size), np.uint8)
+        return Batch([it for it, _ in chunk], images, readable)
+
+    def loader() -> None:
+        try:
+            chunk: list = []
+            for item in items:
+                chunk.append(_read(item, size))
+                if len(chunk) == batch_size:
+                    if not put(make(chunk)):
+                        return
+                    chunk = []
+            if chunk and not put(make(chunk)):
+                return
+            put(done)
+        except BaseException as e:  # a bug, not a bad input: hand it to the consumer to raise
+            put(e)
+
+    thread = threading.Thread(target=loader, name="captool-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = q.get()
+            if got is done:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One output line: a caption, or the reason there is none."""
+
+    path: str
+    caption: Optional[str] = None
+    tokens: Optional[list[int]] = None
+    error: Optional[str] = None
+
+    def to_json(self) -> str:
+        if self.error is not None:
+            return json.dumps({"path": self.path, "error": self.error}, ensure_ascii=False)
+        return json.dumps({"path": self.path, "caption": self.caption, "tokens": self.tokens}, ensure_ascii=False)
+
+    def to_text(self) -> str:
+        return f"{self.path}\t{self.caption}"
+
+
+def caption_items(captioner, items: Sequence[Item], *, batch_size: int = 32, beam_size: int = 1,
+                  max_length: Optional[int] = None, length_penalty: float = 0.0) -> Iterator[Record]:
+    """One Record per item, in order, while the loader thread reads the next batch."""
+    for batch in load_batches(items, captioner.manifest.image_size, batch_size):
+        captions = {}
+        if batch.readable:
+            tokens = captioner.generate(batch.images, beam_size=beam_size, max_length=max_length,
+                                        length_penalty=length_penalty)  # (n, L)
+            for i, row in zip(batch.readable, tokens):
+                captions[i] = captioner.to_caption(row)
+        for i, item in enumerate(batch.items):
+            if i in captions:
+                yield Record(item.path, captions[i].text, captions[i].tokens)
+            else:
+                yield Record(item.path, error=item.error)
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only for many inputs on a terminal."""
+
+    def __init__(self, total: int, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None):
+        stream = stream or sys.stderr
+        if enabled is None:
+            enabled = total >= PROGRESS_MIN and hasattr(stream, "isatty") and stream.isatty()
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.done, self.start, self._last, self._drawn = 0, time.perf_counter(), 0.0, False
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self._last > 0.2 or self.done == self.total or not self._drawn):
+            self._last, self._drawn = now, True
+            rate = self.done / max(now - self.start, 1e-9)
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                              f"images, {rate:.1f}/s ")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Wipe the bar's line, so that a line written to a terminal starts clean."""
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self._drawn = False
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def write_records(records: Iterable[Record], out: IO[str], err: IO[str], as_json: bool, progress: Progress) -> int:
+    """Write each record as it comes (flushed, for pipes); returns how many inputs failed.
+
+    With --json every record goes to `out`; as text, captions go to `out` as `path<TAB>caption`
+    and failures to `err`, so that stdout stays two clean columns.
+    """
+    failed = 0
+    out_on_terminal = hasattr(out, "isatty") and out.isatty()
+    try:
+        for record in records:
+            if out_on_terminal or record.error is not None:
+                progress.clear()
+            if as_json or record.error is None:
+                out.write((record.to_json() if as_json else record.to_text()) + "\n")
+                out.flush()
+            else:
+                err.write(f"captool: {record.error}\n")
+                err.flush()
+            failed += record.error is not None
+            progress.update()
+    finally:
+        progress.close()
+    return failed
+
+
+def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, device: str = "auto",
+               batch_size: int = 32, beam_size: int = 1, max_length: Optional[int] = None,
+               length_penalty: float = 0.0, threads: Optional[int] = None, as_json: bool = False,
+               verbose: bool = False, out: Optional[IO[str]] = None, err: Optional[IO[str]] = None,
+               progress: Optional[bool] = None) -> int:
+    """`captool run` as a function: 0 all captioned, 1 some input failed. Bundle and device
+    problems raise (BundleError, DeviceError) before any image is read; the CLI makes them exit 2."""
+    from .captioner import Captioner
+
+    out = out or sys.stdout  # looked up now, not at import: the CLI's test runner swaps them
+    err = err or sys.stderr
+    captioner = Captioner(model if model is not None else default_bundle(), device=device, threads=threads,
+                          verbose=verbose)
+    if captioner.notice:
+        err.write(f"captool: {captioner.notice}\n")
+    if verbose:
+        err.write(f"captool: bundle {captioner.manifest.root} ({captioner.manifest.cell_type}), "
+                  f"providers {captioner.providers}, io_binding={captioner.io_binding}\n")
+    items = expand_inputs(inputs)
+    records = caption_items(captioner, items, batch_size=batch_size, beam_size=beam_size,
+                            max_length=max_length, length_penalty=length_penalty)
+    failed = write_records(records, out, err, as_json, Progress(len(items), err, progress))
+    return 1 if failed else 0

@@ -1,0 +1,237 @@
+"""onnxruntime sessions for a bundle: which provider really runs, the options, and IO binding.
+
+onnxruntime-gpu lists CUDAExecutionProvider as available even where the CUDA libraries are missing,
+then logs a red error and runs on CPU. So captool finds out first whether CUDA can load (driver,
+CUDA and cuDNN libraries), asks for it only then, and afterwards checks what the session actually
+runs on. docs/runtime.md explains each choice and the numbers behind the session options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import DeviceError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GPU_FIX = ("pip install 'captool[gpu]' (CUDA and cuDNN from PyPI), or install CUDA {cuda} and cuDNN 9 "
+           "system-wide and put their lib directories on LD_LIBRARY_PATH")
+
+# onnxruntime's log levels: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+QUIET, VERBOSE = 4, 2
+
+
+def set_verbose(verbose: bool) -> None:
+    """onnxruntime's own log (process-wide): fatal only by default, warnings and errors with --verbose."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(VERBOSE if verbose else QUIET)
+
+
+def _cuda_major() -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        return str(getattr(info, "cuda_version", "13") or "13").split(".")[0]
+    except ImportError:
+        return "13"
+
+
+def _can_load(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
+
+
+def _preload_pip_cuda() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (captool[gpu]); onnxruntime does not look there itself."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    # preload_dlls reports failures with print(); they are ours to report, in one line.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        preload(cuda=True, cudnn=True, msvc=False, directory="")
+
+
+@dataclass(frozen=True)
+class CudaProblem:
+    """Why CUDA cannot run here, and what would fix it."""
+
+    reason: str
+    fix: str
+    has_gpu: bool  # a driver is there: the user likely wants the GPU, so `auto` names the fix too
+
+
+def cuda_problem() -> Optional[CudaProblem]:
+    """Why the CUDA provider cannot run in this process, or None when it should load.
+
+    The checks that need no GPU come first, so that a CPU box never loads the CUDA libraries.
+    """
+    import onnxruntime as ort
+
+    cuda = _cuda_major()
+    if CUDA not in ort.get_available_providers():
+        return CudaProblem(f"this onnxruntime ({ort.__version__}) is a CPU-only build",
+                           "pip uninstall onnxruntime, then pip install 'captool[gpu]'", False)
+    if not sys.platform.startswith("linux"):
+        return None  # library names differ; the provider check after session creation decides
+    if not _can_load("libcuda.so.1"):
+        return CudaProblem("no NVIDIA driver found (libcuda.so.1 cannot be loaded): this machine has no usable GPU",
+                           f"on a GPU machine, install the NVIDIA driver; CUDA {cuda} and cuDNN 9 then come "
+                           f"with pip install 'captool[gpu]'", False)
+    _preload_pip_cuda()
+    needed = [f"libcudart.so.{cuda}", f"libcublasLt.so.{cuda}", f"libcublas.so.{cuda}", "libcurand.so.10",
+              "libcudnn.so.9"]
+    missing = [lib for lib in needed if not _can_load(lib)]
+    if missing:
+        return CudaProblem(f"CUDA {cuda} / cuDNN 9 libraries not found ({', '.join(missing)})",
+                           GPU_FIX.format(cuda=cuda), True)
+    return None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the sessions run, and the one line that says why when `auto` chose the CPU."""
+
+    device: str  # "cuda" or "cpu"
+    providers: tuple
+    notice: Optional[str] = None
+
+
+def place(device: str) -> Placement:
+    """Resolve --device: `cuda` or refuse with the reason and the fix; `auto` falls back with a notice."""
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return Placement("cpu", (CPU,))
+    problem = cuda_problem()
+    if problem is None:
+        cuda_options = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
+        return Placement("cuda", ((CUDA, cuda_options), CPU))
+    if device == "cuda":
+        raise DeviceError(f"--device cuda: {problem.reason}; fix: {problem.fix}")
+    notice = f"running on CPU: {problem.reason}" + (f"; for the GPU: {problem.fix}" if problem.has_gpu else "")
+    return Placement("cpu", (CPU,), notice=notice)
+
+
+def session_options(graph: str, threads: Optional[int], verbose: bool = False):
+    """SessionOptions for the encoder or the decoder step (docs/runtime.md has the measurements).
+
+    Both graphs are chains of ops: sequential execution, one inter-op thread. The encoder
+    (MobileNetV2) gets `threads` intra-op threads (default: onnxruntime's, one per physical core).
+    The decoder step is three small matmuls: a thread pool gained nothing at batch 1 or 64
+    here, so it runs on the calling thread alone, leaving the other cores to the encoder and the
+    image loader. Idle pool threads do not spin: spinning burnt the cores the loader needs.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = VERBOSE if verbose else QUIET
+    if graph == "decoder_step":
+        opts.intra_op_num_threads = 1
+    elif threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def create_session(path, graph: str, placement: Placement, threads: Optional[int] = None, verbose: bool = False):
+    """An InferenceSession on the placement's providers (check `get_providers()` afterwards)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(graph, threads, verbose),
+                                providers=list(placement.providers))
+
+
+def open_sessions(encoder_path, decoder_path, device: str, threads: Optional[int] = None, verbose: bool = False):
+    """Both graphs' sessions on the device asked for -> (encoder, decoder_step, placement).
+
+    If CUDA was chosen but onnxruntime did not start it (it falls back to CPU without raising),
+    `cuda` refuses and `auto` carries on with CPU sessions and a notice saying so.
+    """
+    placement = place(device)
+    sessions = [create_session(path, graph, placement, threads, verbose)
+                for path, graph in ((encoder_path, "encoder"), (decoder_path, "decoder_step"))]
+    if placement.device == "cuda" and not all(CUDA in s.get_providers() for s in sessions):
+        why = (f"onnxruntime could not start its CUDA provider although the CUDA libraries load (a GPU "
+               f"or driver too old for CUDA {_cuda_major()}?); --verbose shows onnxruntime's log")
+        if device == "cuda":
+            raise DeviceError(f"--device cuda: {why}, or use --device cpu")
+        placement = Placement("cpu", (CPU,), notice=f"running on CPU: {why}")
+        sessions = [create_session(path, graph, placement, threads, verbose)
+                    for path, graph in ((encoder_path, "encoder"), (decoder_path, "decoder_step"))]
+    return sessions[0], sessions[1], placement
+
+
+def io_binding_wanted(device: str, override: Optional[bool] = None) -> bool:
+    """IO binding on CUDA by default; CAPTOOL_IO_BINDING=1/0 (or `override`) forces it on or off."""
+    if override is not None:
+        return override
+    env = os.environ.get("CAPTOOL_IO_BINDING", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return device == "cuda"
+
+
+class BoundStep:
+    """The decoder step through IO binding: the state stays where the provider put it between steps.
+
+    Feeds may be numpy arrays (copied to the device once: a numpy array seen again, such as the
+    attention features, reuses its copy) or the OrtValues a previous call returned (used in place).
+    Each call sends the tokens and brings back only the logits; h_next, c_next and attn_weights stay
+    on the device as OrtValues, ready to be fed back. On the CPU provider the same code runs with
+    device memory being host memory, which is how the tests exercise it.
+    """
+
+    def __init__(self, session, device: str, device_id: int = 0):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        self.device, self.device_id = device, device_id
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+        self._binding = session.io_binding()
+        self._uploaded: dict[str, tuple[np.ndarray, object]] = {}
+
+    def _on_device(self, name: str, value):
+        if isinstance(value, self._ort.OrtValue):
+            return value
+        seen = self._uploaded.get(name)
+        if seen is not None and seen[0] is value:  # holding the array keeps its identity unique
+            return seen[1]
+        ortvalue = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
+        self._uploaded[name] = (value, ortvalue)
+        return ortvalue
+
+    def __call__(self, feeds: dict) -> dict:
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        for name in self.inputs:
+            b.bind_ortvalue_input(name, self._on_device(name, feeds[name]))
+        for name in self.outputs:
+            # Fresh output buffers each step: this step's h_next must not overwrite the h it reads.
+            b.bind_output(name, "cpu" if name == "logits" else self.device, self.device_id)
+        self.session.run_with_iobinding(b)
+        out = dict(zip(self.outputs, b.get_outputs()))
+        out["logits"] = out["logits"].numpy()  # (N, V) on the host: the tokens are chosen here
+        return out

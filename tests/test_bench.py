@@ -1,0 +1,156 @@
+"""captool bench: figures present, positive, finite and mutually sane; FLOP counts equal to hand counts.
+
+No timing is asserted: the runs are tiny (2 images, 3 repeats, one cold start) and only their shape
+and internal consistency are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from captool.bench import FIGURES, bench, graph_cost, plot, table
+from captool.bundle import load_manifest
+from captool.cli import app
+from captool.errors import CaptoolError
+
+onnx = pytest.importorskip("onnx")
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def short_warmup(monkeypatch):
+    monkeypatch.setattr("captool.bench.WARMUP_S", 0.0)  # two untimed calls per figure are enough here
+RATES = {"matmul_flops": 20e9, "copy_bytes_per_s": 10e9}  # stand-ins: the tests do not time the machine
+
+
+def hand_made_graph(path):
+    """Conv + Gemm + batched MatMul + Add, batch dim N left symbolic, as the exporter leaves it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"conv_w": rng.standard_normal((4, 3, 3, 3)), "conv_b": rng.standard_normal(4),
+               "gemm_w": rng.standard_normal((10, 100)), "mm_w": rng.standard_normal((2, 5, 6))}
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),  # (N,3,5,5) -> (N,4,5,5)
+        helper.make_node("Flatten", ["c"], ["flat"]),  # (N, 100)
+        helper.make_node("Gemm", ["flat", "gemm_w"], ["g"], transB=1),  # (N, 10)
+        helper.make_node("Reshape", ["g", "shape"], ["r"]),  # (N, 2, 5)
+        helper.make_node("Unsqueeze", ["r", "axis"], ["u"]),  # (N, 1, 2, 5)
+        helper.make_node("MatMul", ["u", "mm_w"], ["m"]),  # (N, 1, 2, 5) @ (2, 5, 6) -> (N, 2, 2, 6)
+        helper.make_node("Add", ["m", "m"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()]
+    inits += [numpy_helper.from_array(np.array([-1, 2, 5], dtype=np.int64), "shape"),
+              numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")]
+    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return sum(w.size for w in weights.values()) * 4 + 4 * 8
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_graph_cost_counts_macs_and_bytes_by_hand(tmp_path, batch):
+    weight_bytes = hand_made_graph(tmp_path / "g.onnx")
+    cost = graph_cost(tmp_path / "g.onnx", batch)
+    conv = batch * 4 * 5 * 5 * (3 * 3 * 3)  # every output element: Cin × kH × kW multiply-adds
+    gemm = batch * 10 * 100
+    matmul = batch * 2 * 2 * 6 * 5  # broadcast to (N, 2, 2, 6), K = 5
+    assert cost.macs == conv + gemm + matmul and cost.flops == 2 * cost.macs
+    assert cost.uncounted == []
+    assert cost.weight_bytes == weight_bytes
+    assert cost.io_bytes == 4 * batch * (3 * 5 * 5 + 2 * 2 * 6)
+    assert cost.activation_bytes > cost.io_bytes
+
+
+def test_decoder_step_flops_equal_the_hand_computation(tiny_bundle):
+    root = tiny_bundle("rnn")
+    dims = load_manifest(root).raw["dims"]
+    W, H, V = dims["wordvec_dim"], dims["hidden_dim"], dims["vocab_size"]
+    params = V * W + W * H + H * H + H + H * V + V  # embedding, Wx, Wh, b, output projection
+    for batch in (1, 64):
+        cost = graph_cost(root / "decoder_step.onnx", batch)
+        assert cost.flops == 2 * batch * (W * H + H * H + H * V)  # x·Wx, h·Wh, h_next·W_out
+        assert 4 * params <= cost.weight_bytes <= 4 * params + 64  # + a few int64 shape constants
+    encoder = graph_cost(root / "encoder.onnx", 1)
+    assert encoder.macs > dims["input_dim"] * H and encoder.uncounted == []
+
+
+def check_figures(report: dict, sides: tuple[str, ...]) -> None:
+    figures = report["figures"]
+    assert set(figures) == set(FIGURES)
+    for name, f in figures.items():
+        for side in sides:
+            assert f[side] is not None and math.isfinite(f[side]) and f[side] > 0, (name, side)
+    for side in sides:
+        assert figures["caption_b1_p90"][side] >= figures["caption_b1_median"][side]
+        images_per_s_at_b1 = 1e3 / figures["caption_b1_median"][side]
+        for batch in ("throughput_b8", "throughput_b64"):  # batching changes the rate, not its magnitude
+            assert 0.01 < figures[batch][side] / images_per_s_at_b1 < 500, (batch, side)
+    for name, f in report["floor"].items():
+        assert f["flops"] > 0 and f["compute_floor_s"] > 0 and f["memory_floor_s"] > 0
+        assert f["x_from_floor"] == pytest.approx(f["measured_s"] / max(f["compute_floor_s"], f["memory_floor_s"]))
+        assert f["bound"] in ("compute", "memory")
+    assert report["floor"]["step_b64"]["flops"] == 64 * report["floor"]["step_b1"]["flops"]
+
+
+def test_runtime_only_bench_table_and_plot(tiny_bundle, tmp_path):
+    report = bench(tiny_bundle("rnn"), images=2, repeats=3, cold_repeats=1, rates=RATES)
+    check_figures(report, ("runtime",))
+    assert all(f["pytorch"] is None and f["ratio"] is None for f in report["figures"].values())
+    assert report["checkpoint"] is None and "tokens_agree_b64" not in report
+    text = table(report)
+    assert "caption_b1_median" in text and "from the" in text and "floor" in text
+    plot(report, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_side_by_side_cli_json(tiny_bundle, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr("captool.bench.machine_rates", lambda: RATES)
+    result = runner.invoke(app, ["bench", str(tiny_bundle("rnn")), "--checkpoint", str(tiny_checkpoint("rnn")),
+                                 "--json", "--images", "2", "--repeats", "3", "--cold-repeats", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    check_figures(report, ("runtime", "pytorch"))
+    for name, f in report["figures"].items():
+        unit, _, higher_better = FIGURES[name]
+        want = f["runtime"] / f["pytorch"] if higher_better else f["pytorch"] / f["runtime"]
+        assert f["ratio"] == pytest.approx(want), name
+    assert report["tokens_agree_b64"] is True and report["cold_start_captions_agree"] is True
+    # importing torch + torchvision alone takes hundreds of MB; the runtime process must not carry them
+    rss = report["figures"]["cold_start_peak_rss"]
+    assert rss["pytorch"] > rss["runtime"] + 100
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["matmul_flops"] == RATES["matmul_flops"]
+
+
+def test_bench_refuses_a_checkpoint_of_another_model(tiny_bundle, tiny_checkpoint, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint("rnn"), other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["idx_to_token"][-1] = "zebra"  # same dims and weights, another vocabulary
+    (other / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CaptoolError, match="not the same model"):
+        bench(tiny_bundle("rnn"), other, images=1, repeats=2, cold=False, rates=RATES)
+    with pytest.raises(CaptoolError, match="takes a bundle first"):
+        bench(tiny_checkpoint("rnn"), images=1, repeats=2, cold=False, rates=RATES)
+
+
+def test_bench_without_torch(tiny_bundle, tiny_checkpoint):
+    def captool(*args):
+        code = ("import sys; sys.modules['torch'] = None\nfrom captool.cli import main\n"
+                f"sys.argv = ['captool', *{list(args)!r}]\nmain()")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    bundle = str(tiny_bundle("rnn"))
+    alone = captool("bench", bundle, "--json", "--no-cold", "--images", "1", "--repeats", "2")
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["figures"]["step_b1"]["runtime"] > 0
+    refused = captool("bench", bundle, "--checkpoint", str(tiny_checkpoint("rnn")), "--no-cold")
+    assert refused.returncode == 2 and "captool[train]" in refused.stderr
