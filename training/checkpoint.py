@@ -10,7 +10,6 @@ hash model.json names. The backup is removed once model.json is in place.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 
+from captool.bundle import sha256_file
+
 from .errors import TrainingError
 from .model import CaptioningRNN, ModelConfig
 
@@ -29,14 +30,6 @@ CONFIG = "model.json"
 PREVIOUS_WEIGHTS = "model.prev.safetensors"
 FORMAT = "captool-checkpoint"
 FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_temp(run_dir: Path, name: str, write) -> Path:
@@ -88,7 +81,7 @@ def save_checkpoint(model: CaptioningRNN, run_dir: str | os.PathLike, **extra: A
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "idx_to_token": list(model.idx_to_token),
-            "weights": {"file": WEIGHTS, "sha256": _sha256(tmp_weights), "bytes": tmp_weights.stat().st_size},
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp_weights), "bytes": tmp_weights.stat().st_size},
             "tools": {"torch": torch.__version__, "captool": _captool_version()},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "extra": extra_json,
@@ -160,10 +153,10 @@ def _verified_weights(run_dir: Path, meta: dict) -> Path:
     expected = meta["weights"].get("sha256")
     if not weights.is_file():
         raise TrainingError(f"{run_dir} has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete, save or train it again")
-    if _sha256(weights) == expected:
+    if sha256_file(weights) == expected:
         return weights
     backup = run_dir / PREVIOUS_WEIGHTS
-    if backup.is_file() and _sha256(backup) == expected:
+    if backup.is_file() and sha256_file(backup) == expected:
         warnings.warn(
             f"{weights} is newer than {CONFIG} (a save was interrupted); loading the previous checkpoint "
             f"from {backup}", RuntimeWarning, stacklevel=3,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from captool.bundle import sha256_file
+
 from .checkpoint import read_checkpoint_metadata
 from .errors import TrainingError
 
@@ -34,14 +36,6 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_state(run_dir: Path, config, epoch: int, history: list[dict], optimizer: torch.optim.Optimizer,
@@ -64,7 +58,7 @@ def write_state(run_dir: Path, config, epoch: int, history: list[dict], optimize
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in saved["param_groups"]]
     _atomic(run_dir / OPTIMIZER, lambda p: save_file(tensors, str(p)))
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "config": asdict(config),
-             "history": history, "optimizer": {"file": OPTIMIZER, "sha256": _sha256(run_dir / OPTIMIZER),
+             "history": history, "optimizer": {"file": OPTIMIZER, "sha256": sha256_file(run_dir / OPTIMIZER),
                                                "param_groups": groups, "scalars": scalars}}
     _atomic(run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8"))
 
@@ -92,7 +86,7 @@ def restore_optimizer(run_dir: Path, state: dict, optimizer: torch.optim.Optimiz
     from safetensors.torch import load_file
 
     index, path = state["optimizer"], run_dir / state["optimizer"]["file"]
-    if not path.is_file() or _sha256(path) != index["sha256"]:
+    if not path.is_file() or sha256_file(path) != index["sha256"]:
         raise TrainingError(f"{path} is missing or not the file {STATE} names; the run cannot be resumed exactly")
     tensors = load_file(str(path), device="cpu")
     param_state: dict[int, dict] = {}
