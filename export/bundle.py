@@ -1,5 +1,8 @@
 """Writing a bundle: both graphs and manifest.json into a temporary directory beside the target,
 validated there, and renamed into place only when the bundle is proven equal to PyTorch.
+
+An fp16 or int8 bundle starts as an fp32 one: the traced graphs are proven first, then converted or
+quantized (export/quantize.py) and validated again, on real images, with their precision's tolerance.
 """
 
 from __future__ import annotations
@@ -19,28 +22,45 @@ import captool
 from captool.bundle import DECODER_STEP, ENCODER, FORMAT, MANIFEST, SCHEMA_VERSION, sha256_file
 from captool.preprocess import RESIZE_POLICY
 
+from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
+                          load_images, recorded_training_data)
 from .graphs import DEFAULT_OPSET, check_graph, export_decoder_step, export_encoder, io_specs
+from .quantize import convert_fp16, quantize_decoder_step, quantize_encoder
 from .validate import BATCH_SIZES, ExportError, ParityReport, image_files, load_model, verify_bundle
 
-PRECISIONS = ("fp32",)  # fp16 and int8 come with the quantization work (issue 6)
+PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
 def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                   images: str | Path | None = None, overwrite: bool = False,
-                  batch_sizes: Sequence[int] = BATCH_SIZES) -> ParityReport:
+                  batch_sizes: Sequence[int] = BATCH_SIZES, calibration: str | Path | None = None,
+                  calibration_images: int = CALIBRATION_IMAGES,
+                  validation_images: int = VALIDATION_IMAGES) -> ParityReport:
     """Export `checkpoint` (run dir, model file or a CaptioningRNN) to the bundle directory `out`.
 
     The bundle appears at `out` only if validation passes; otherwise ExportError(report) is raised
     and nothing is left behind. An existing bundle at `out` is replaced only with `overwrite`.
+
+    Args:
+        precision: "fp32", "fp16" (GPU bundle) or "int8" (CPU bundle); docs/export.md.
+        images: fp32: also validate on the image files in this folder. fp16/int8: validate on these
+            images (up to `validation_images`; a dataset directory gives its val split).
+        calibration: int8: the folder of images or dataset (its train split) to calibrate the encoder
+            on; default the training data the run recorded. fp16/int8 without `images`: that
+            dataset's val split is the validation set (a plain folder: its own images).
     """
     if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not available; this captool exports {', '.join(PRECISIONS)}")
+        raise ExportError(f"precision {precision!r} is not available; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     check_target(out, overwrite)
-    if images is not None:
+    if images is not None and precision == "fp32":
         image_files(images)  # a bad --images fails now, not after the export
     model = load_model(checkpoint)
+    calibration_set = validation_set = None
+    if precision != "fp32":  # read before tracing: a missing folder fails in a second, not after the export
+        calibration_set, validation_set = real_images(checkpoint, model.config.image_size, precision, images,
+                                                      calibration, calibration_images, validation_images)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -53,23 +73,86 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             seconds[graph] = round(time.perf_counter() - start, 3)
             info = check_graph(tmp / name, graph, specs[graph])
             graphs[graph] = {**specs[graph], "nodes": info.nodes, "op_types": info.op_types}
-        manifest = build_manifest(model, tmp, graphs, opset=opset, precision=precision, seconds=seconds)
+        manifest = build_manifest(model, tmp, graphs, opset=opset, precision="fp32", seconds=seconds)
         write_manifest(tmp, manifest)
 
         start = time.perf_counter()
-        report = verify_bundle(tmp, model, images=images, batch_sizes=batch_sizes)
+        report = verify_bundle(tmp, model, images=images if precision == "fp32" else None, batch_sizes=batch_sizes)
         seconds["validation"] = round(time.perf_counter() - start, 3)
         if not report.ok:
             raise ExportError(f"the exported graphs differ from the PyTorch model; no bundle was written to {out}",
                               report=report)
+        fp32_report = report
+        if precision != "fp32":
+            start = time.perf_counter()
+            quantization = lower_precision(tmp, precision, specs, graphs, calibration_set)
+            seconds[precision] = round(time.perf_counter() - start, 3)
+            manifest = build_manifest(model, tmp, graphs, opset=opset, precision=precision, seconds=seconds)
+            manifest["quantization"] = {**quantization, "validation": validation_set.describe()}
+            write_manifest(tmp, manifest)
+            start = time.perf_counter()
+            report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes)
+            seconds["validation"] = round(seconds["validation"] + time.perf_counter() - start, 3)
+            if not report.ok:
+                raise ExportError(f"the {precision} graphs are further from the PyTorch model than {precision} "
+                                  f"allows; no bundle was written to {out}", report=report)
         manifest["exporter"]["seconds"]["validation"] = seconds["validation"]
         manifest["parity"] = report.to_json()
+        if precision != "fp32":
+            manifest["parity"]["fp32_graphs"] = fp32_summary(fp32_report)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def real_images(checkpoint, size: int, precision: str, images, calibration, n_calibration: int,
+                n_validation: int) -> tuple[ImageSet | None, ImageSet]:
+    """The calibration images (int8) and the validation images (fp16, int8) of a quantized export."""
+    calibration_set = None
+    if precision == "int8":
+        source = calibration_source(calibration, checkpoint)
+        calibration_set = load_images(source, split="train", count=n_calibration, size=size)
+    if images is not None:
+        return calibration_set, load_images(images, split="val", count=n_validation, size=size, option="--images")
+    source = Path(calibration) if calibration is not None else recorded_training_data(checkpoint)
+    if source is None:
+        raise ExportError(f"{precision} bundles are validated on real images (caption agreement means nothing on "
+                          f"noise) and the checkpoint records no training data that exists here; pass --images DIR")
+    if has_split(source, "val"):  # held out from calibration
+        return calibration_set, load_images(source, split="val", count=n_validation, size=size)
+    # A plain folder: its images are all there is (calibration-like; --images gives held-out ones).
+    return calibration_set, load_images(source, split="train", count=n_validation, size=size)
+
+
+def lower_precision(tmp: Path, precision: str, specs: dict, graphs: dict, calibration: ImageSet | None) -> dict:
+    """Replace the proven fp32 graphs in `tmp` by their fp16 or int8 versions; checks them, updates `graphs`."""
+    work = tmp / ".work"
+    work.mkdir()
+    made: dict[str, dict] = {}
+    for graph, name in (("encoder", ENCODER), ("decoder_step", DECODER_STEP)):
+        fp32 = work / f"{graph}.fp32.onnx"
+        os.replace(tmp / name, fp32)
+        if precision == "fp16":
+            made[graph] = convert_fp16(fp32, tmp / name)
+        elif graph == "encoder":
+            made[graph] = quantize_encoder(fp32, tmp / name, calibration, work)
+        else:
+            made[graph] = quantize_decoder_step(fp32, tmp / name, work)
+        info = check_graph(tmp / name, graph, specs[graph], precision=precision)
+        graphs[graph] = {**specs[graph], "nodes": info.nodes, "op_types": info.op_types}
+    shutil.rmtree(work)
+    return made
+
+
+def fp32_summary(report: ParityReport) -> dict:
+    """The fp32 graphs' proof, in short: the quantized bundle was made from graphs equal to PyTorch."""
+    return {"ok": report.ok, "atol": report.atol,
+            "max_abs": {f"{d.graph}.{d.output}": d.max_abs for d, _ in report.worst()},
+            "batch_sizes": [b.batch_size for b in report.batches],
+            "equal": sum(b.equal for b in report.batches), "images": sum(b.batch_size for b in report.batches)}
 
 
 def check_target(out: Path, overwrite: bool) -> None:

@@ -40,6 +40,10 @@ CUDA_OPS = frozenset({
     "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "BatchNormalization", "Where", "Equal",
     "Max", "Min",
 })
+# What the int8 graphs add: QDQ pairs (the encoder) and integer matmuls on dynamically quantized
+# activations (the decoder step). An int8 bundle is a CPU bundle (docs/export.md): CUDA runs QDQ graphs
+# in float and has no DynamicQuantizeLinear kernel, so these are not held to the CUDA op set.
+INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger"})
 # Ops that may yield int64 tensors as indices or shapes; any other op yielding int64 does int64 arithmetic.
 INDEX_OPS = frozenset({"Gather", "GatherND", "GatherElements", "Unsqueeze", "Squeeze", "Reshape", "Shape",
                        "Expand", "Slice", "Concat", "Cast", "ConstantOfShape", "Identity", "Split"})
@@ -123,12 +127,12 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
             dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False,
         )
     model = program.model_proto
-    _name_batch_axis(model)
-    _strip_metadata(model)
+    name_batch_axis(model)
+    strip_metadata(model)
     onnx.save_model(model, str(path))
 
 
-def _strip_metadata(model: onnx.ModelProto) -> None:
+def strip_metadata(model: onnx.ModelProto) -> None:
     """Drop the exporter's debugging annotations: stack traces with this machine's paths, and the
     ExportedProgram's signature (40 kB even for a tiny step). The bundle's bytes then depend on the
     weights and the code only."""
@@ -138,7 +142,7 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
         node.doc_string = ""
 
 
-def _name_batch_axis(model: onnx.ModelProto) -> None:
+def name_batch_axis(model: onnx.ModelProto) -> None:
     """Every graph input's and output's first axis is the symbolic "N" (the exporter may name it otherwise)."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -184,11 +188,11 @@ def _value_spec(value: onnx.ValueInfoProto) -> dict:
     return {"name": value.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
 
 
-def check_graph(path: Path, graph: str, expected: dict[str, list[dict]]) -> GraphInfo:
+def check_graph(path: Path, graph: str, expected: dict[str, list[dict]], *, precision: str = "fp32") -> GraphInfo:
     """The ONNX checker, strict shape inference, names/dtypes/shapes as promised, and a clean graph.
 
-    Clean: no control flow, every op one the CUDA provider runs, no int64 arithmetic, every input
-    used, every output computed by a node, no node whose result nobody reads.
+    Clean: no control flow, every op one the CUDA provider runs (int8: or one of INT8_OPS), no int64
+    arithmetic, every input used, every output computed by a node, no node whose result nobody reads.
     """
     where = f"{path.name}"
     model = onnx.load(str(path))
@@ -213,7 +217,8 @@ def check_graph(path: Path, graph: str, expected: dict[str, list[dict]]) -> Grap
         raise ExportError(f"{where}: uses custom op domains {foreign}; the bundle must be plain ONNX")
     if CONTROL_FLOW_OPS & set(ops):
         raise ExportError(f"{where}: has control flow {sorted(CONTROL_FLOW_OPS & set(ops))}; the step must be a straight graph")
-    off_gpu = sorted(set(ops) - CUDA_OPS)
+    allowed = CUDA_OPS | INT8_OPS if precision == "int8" else CUDA_OPS
+    off_gpu = sorted(set(ops) - allowed)
     if off_gpu:
         raise ExportError(f"{where}: ops {off_gpu} have no CUDA kernel in onnxruntime; change the model code that makes them")
 

@@ -182,6 +182,8 @@ def train_command(
     one_caption_per_image: Annotated[bool, typer.Option(
         "--one-caption-per-image",
         help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
+    warmup_epochs: Annotated[int, typer.Option(
+        help="Epochs of word-detector warm-up of a trained backbone before captioning (for --backbone none).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
@@ -251,10 +253,15 @@ def export_command(
     run_dir: Annotated[Path, typer.Argument(help="Checkpoint run directory (or its model.json) from `captool train`.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write; it appears only once validation passes.")],
     opset: Annotated[int, typer.Option(help="ONNX opset of both graphs (18 or higher).")] = 18,
-    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder "
+                                                        "(fp16/int8: validate on these real images).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32; fp16 (GPU bundle); int8 (CPU bundle: static QDQ encoder, "
+                                                "dynamic int8 decoder step).")] = "fp32",
+    calibration: Annotated[Optional[Path], typer.Option(help="int8: images to calibrate on, a folder or a dataset "
+                                                             "(its train split); default: the run's training data.")] = None,
 ) -> None:
-    """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token.
+    """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
 
     Exit 0: bundle written; 1: validation failed (the table says where; nothing written); 2: usage or checkpoint error.
     """
@@ -262,7 +269,8 @@ def export_command(
         need("onnx")  # first, so that a box without torch and onnx is told the 'export' extra
         export = need("captool.export")
         try:
-            report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force)
+            report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
+                                          precision=precision, calibration=calibration)
         except export.ExportError as e:
             if e.report is None:
                 raise

@@ -25,6 +25,7 @@ from torchvision.models._utils import _make_divisible
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import CaptionSplit, load_data
+from .warmup import warm_up_backbone
 from .errors import TrainingError
 from .model import CELL_TYPES, CaptioningRNN
 from .run_state import feature_key, load_features, read_state, restore_optimizer, save_features, write_state
@@ -61,6 +62,8 @@ class TrainConfig:
     # Each epoch, one caption per image drawn at random: an epoch then costs one backbone pass per
     # image rather than per caption (5x fewer with COCO-style data) when the backbone is trained.
     one_caption_per_image: bool = False
+    # Epochs of word-detector warm-up for a trained backbone before captioning (training/warmup.py).
+    warmup_epochs: int = 0
 
     def __post_init__(self):
         if self.cell not in CELL_TYPES:
@@ -68,6 +71,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "hidden_dim", "wordvec_dim", "min_count"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0:
+            raise TrainingError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.warmup_epochs and not (self.train_backbone or self.backbone.lower() == "none"):
+            raise TrainingError("--warmup-epochs trains the backbone: add --train-backbone (or --backbone none)")
         if self.overfit is not None and self.overfit < 1:
             raise TrainingError(f"--overfit must be at least 1, got {self.overfit}")
         if not (self.lr > 0 and self.lr_decay > 0 and self.backbone_width > 0):
@@ -252,6 +259,9 @@ class TrainingRun:
         c, progress = self.config, Progress()
         if self.epoch >= c.epochs:
             self.log(f"{self.run_dir} has trained {self.epoch} epochs already (--epochs {c.epochs}): nothing to do")
+        if self.epoch == 0 and c.warmup_epochs and not self.history:
+            warm_up_backbone(self.model, self.train_split, epochs=c.warmup_epochs, batch_size=c.batch_size,
+                             lr=c.lr, seed=c.seed, device=self.device, log=progress.epoch)
         while self.epoch < c.epochs:
             lr = c.lr * c.lr_decay ** self.epoch
             for group in self.optimizer.param_groups:

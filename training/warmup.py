@@ -1,0 +1,76 @@
+"""Word-detector warm-up: teach a randomly initialized backbone what the captions talk about.
+
+Trained from scratch, the captioner finds a language model first: the pooled features of a random
+MobileNetV2 hardly differ between images, so the RNN learns to ignore h0 and the backbone gets no
+useful signal back (measured here on `captool synth` scenes: loss stuck at ~9.5 per caption, every
+colour and shape wrong, after 50,000 samples). Before the captioning epochs, the backbone is trained
+to predict which words an image's captions use (multi-label, a linear head on the pooled features,
+binary cross-entropy), in the spirit of visual-concept detectors. The head is thrown away; the
+captioner keeps the seed's architecture exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .data import CaptionSplit
+
+N_SPECIALS = 4  # <NULL> <START> <END> <UNK> are no concepts
+
+
+def word_targets(split: CaptionSplit, vocab_size: int) -> Tensor:
+    """Multi-hot (M, V) float: the words any caption of each image uses, specials excluded."""
+    targets = torch.zeros(split.images.shape[0], vocab_size)
+    rows = split.image_idx.repeat_interleave(split.captions.shape[1])  # (K*17,)
+    targets.index_put_((rows, split.captions.reshape(-1)), torch.ones(rows.shape[0]))
+    targets[:, :N_SPECIALS] = 0.0
+    return targets
+
+
+def warm_up_backbone(
+    model: nn.Module,
+    split: CaptionSplit,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> list[float]:
+    """Train `model.feature_extractor` (and a throw-away head) as a word detector; per-epoch losses."""
+    vocab_size = model.config.vocab_size
+    targets = word_targets(split, vocab_size)
+    generator = torch.Generator().manual_seed(seed * 7_919 + 1)
+    head = nn.Linear(model.config.input_dim, vocab_size, device=device)
+    with torch.no_grad():  # initialized from the run's seed, leaving the global RNG untouched
+        bound = 1.0 / math.sqrt(model.config.input_dim)
+        head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
+        head.bias.zero_()
+    params = [p for p in model.feature_extractor.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    model.train()
+    losses = []
+    n = split.images.shape[0]
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total, started = 0.0, time.perf_counter()
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            features = model.extract_features(split.images[idx].to(device))  # (B, C) or (B, C, 4, 4)
+            if features.dim() == 4:
+                features = features.mean(dim=(2, 3))  # attention's grid, pooled for the detector: (B, C)
+            loss = nn.functional.binary_cross_entropy_with_logits(head(features), targets[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+        log(f"warm-up {epoch + 1}/{epochs}  word-detector loss {losses[-1]:.4f}  "
+            f"{n / max(time.perf_counter() - started, 1e-9):.0f} images/s")
+    return losses
