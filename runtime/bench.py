@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,6 +26,7 @@ import numpy as np
 from .decode import initial_state
 from .errors import CaptoolError
 from .evaluate import Sampler, open_model
+from .floor import graph_cost, machine_rates, seconds_of
 from .preprocess import IMAGE_EXTENSIONS, preprocess
 
 # name: (unit, scale from seconds or from the raw value, higher is better)
@@ -36,103 +36,11 @@ FIGURES = {
     "encoder_b1": ("ms", 1e3, False), "step_b1": ("µs", 1e6, False), "step_b64": ("µs", 1e6, False),
     "cold_start": ("s", 1.0, False), "cold_start_peak_rss": ("MB", 1e-6, False),
 }
-_MAC_OPS = ("Conv", "Gemm", "MatMul")
 WARMUP_S = 0.2  # untimed calls per figure and side before timing: at least 2, and at least this long
-
-
-# ---- the machine's limits -------------------------------------------------------------------------
-
-
-def machine_rates(matmul_n: int = 1024, copy_mb: int = 256, repeats: int = 10) -> dict[str, float]:
-    """numpy float32 matmul FLOP/s (best of `repeats` n×n products) and copy bandwidth (bytes read +
-    written per second, best of half as many copies of a `copy_mb` array)."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((matmul_n, matmul_n), dtype=np.float32) for _ in range(2))
-    a @ b  # warm-up: BLAS threads, page faults
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
-    src = np.ones(copy_mb * (1 << 20) // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    copy = min(_seconds(lambda: np.copyto(dst, src)) for _ in range(max(1, repeats // 2)))
-    return {"matmul_flops": 2 * matmul_n ** 3 / best, "copy_bytes_per_s": 2 * src.nbytes / copy}
-
-
-@dataclass
-class GraphCost:
-    """One graph's work at a batch size, from its ONNX form with shapes inferred."""
-
-    macs: int
-    weight_bytes: int
-    io_bytes: int  # graph inputs + outputs
-    activation_bytes: int  # every node reading its inputs and writing its outputs (no fusion)
-    uncounted: list[str]  # MAC ops whose shapes could not be inferred
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.macs
-
-
-def graph_cost(onnx_path: str | Path, batch: int) -> GraphCost:
-    """MACs of Conv/Gemm/MatMul and the bytes a run moves, with the dynamic batch dim set to `batch`."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(onnx_path))
-    if model.functions:
-        model = onnx.inliner.inline_local_functions(model)
-    del model.graph.value_info[:]  # symbolic shapes from export; re-infer them at this batch
-    for value in list(model.graph.input) + list(model.graph.output):
-        for dim in value.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.dim_value = batch
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
-    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        t = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        shapes[value.name] = (dims, helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize)
-    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for init_name, array in weights.items():
-        shapes[init_name] = (array.shape, array.itemsize)
-
-    def nbytes(name: str) -> int:
-        dims, size = shapes.get(name, ((-1,), 0))
-        return int(np.prod(dims)) * size if all(d >= 0 for d in dims) else 0
-
-    macs, traffic, uncounted = 0, 0, []
-    for node in model.graph.node:
-        traffic += sum(nbytes(n) for n in node.input if n and n not in weights)
-        traffic += sum(nbytes(n) for n in node.output if n)
-        if node.op_type in _MAC_OPS:
-            node_macs = _node_macs(node, shapes)
-            if node_macs is None:
-                uncounted.append(f"{node.op_type} {node.name}")
-            else:
-                macs += node_macs
-    io = sum(nbytes(v.name) for v in list(model.graph.input) + list(model.graph.output))
-    return GraphCost(macs, sum(a.nbytes for a in weights.values()), io, traffic, uncounted)
-
-
-def _node_macs(node, shapes) -> Optional[int]:
-    a, b = (shapes.get(n, ((-1,), 0))[0] for n in node.input[:2])
-    out = shapes.get(node.output[0], ((-1,), 0))[0]
-    if any(d < 0 for d in (*a, *b, *out)) or not out:
-        return None
-    if node.op_type == "Conv":  # out [N, Cout, *spatial], weight [Cout, Cin/group, *kernel]
-        return int(np.prod(out)) * int(np.prod(b[1:]))
-    if node.op_type == "Gemm":  # out [M, N]; K from A, transposed or not
-        trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
-        return int(np.prod(out)) * (a[0] if trans_a else a[-1])
-    return int(np.prod(out)) * a[-1]  # MatMul: out [..., M, N], K = A's last dim
 
 
 # ---- timing -----------------------------------------------------------------------------------------
 
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def interleaved(pairs: dict[str, tuple[Callable, Optional[Callable]]], repeats: dict[str, int],
@@ -156,7 +64,7 @@ def interleaved(pairs: dict[str, tuple[Callable, Optional[Callable]]], repeats: 
                 if fn is not None:
                     if name in settle:
                         fn(r)
-                    times[name][side].append(_seconds(lambda: fn(r)))
+                    times[name][side].append(seconds_of(lambda: fn(r)))
     return times
 
 
@@ -242,7 +150,7 @@ def run_child(argv: list[str]) -> tuple[float, Optional[int], str]:
                 wall, rss, code = (float(x) for x in figures.read_text().split()) if code == 0 else (0, 0, code)
                 rss = int(rss) * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
             else:
-                wall = _seconds(lambda: subprocess.run(argv, stdout=stdout, stderr=stderr))
+                wall = seconds_of(lambda: subprocess.run(argv, stdout=stdout, stderr=stderr))
                 rss, code = None, 0
         if code != 0:
             tail = err.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from captool.bench import FIGURES, bench, graph_cost, plot, table
+from captool.bench import FIGURES, bench, plot, table
+from captool.floor import graph_cost
 from captool.bundle import load_manifest
 from captool.cli import app
 from captool.errors import CaptoolError
