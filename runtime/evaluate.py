@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from .bundle import MANIFEST
+from .datasets import find_dataset, read_annotations
 from .errors import CaptoolError, ImageError
 from .preprocess import preprocess
 from .vocab import Vocab, tokenize
@@ -108,78 +109,7 @@ class EvalSet:
                        {i: self.references[i] for i in keep}, scenes)
 
 
-# ---- datasets, read without torch (except the course's coco.pt) --------------------------------
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CaptoolError(f"{path}: cannot be read as JSON ({e})") from None
-
-
-def _find_annotations(root: Path, split: str) -> Optional[Path]:
-    for where in (root / "annotations", root):
-        found = sorted(where.glob(f"captions_{split}*.json"))
-        if len(found) > 1:
-            raise CaptoolError(f"{root}: several {split} annotation files ({', '.join(p.name for p in found)}); "
-                               f"pass the one to evaluate on as --data")
-        if found:
-            return found[0]
-    return None
-
-
-def _image_folder(ann_path: Path, names: list[str], image_dir: Optional[Path]) -> Path:
-    """Where a COCO file's images are: the same folders, in the same order, as training's loader."""
-    split = ann_path.stem.removeprefix("captions_")  # "val", "val2017", ...
-    root = ann_path.parent.parent if ann_path.parent.name == "annotations" else ann_path.parent
-    tried = ([image_dir / split, image_dir] if image_dir else []) + [
-        root / split, root / "images" / split, root, ann_path.parent]
-    for folder in dict.fromkeys(tried):
-        if any((folder / n).is_file() for n in names[:5]):
-            return folder
-    raise CaptoolError(f"{ann_path}: cannot find its images (looked for {names[0]} in "
-                       f"{', '.join(map(str, dict.fromkeys(tried)))}); pass the image folder with --images")
-
-
-def _coco(ann_path: Path, doc: dict, split: str, image_dir: Optional[Path]) -> EvalSet:
-    try:
-        file_of = {im["id"]: str(im["file_name"]) for im in doc["images"]}
-        refs: dict = {i: [] for i in file_of}
-        for ann in doc["annotations"]:
-            if ann["image_id"] in refs and isinstance(ann["caption"], str) and ann["caption"].strip():
-                refs[ann["image_id"]].append(ann["caption"])
-    except (KeyError, TypeError):
-        raise CaptoolError(f"{ann_path}: not COCO captions JSON (images need id and file_name, "
-                           f"annotations need image_id and caption)") from None
-    ids = [i for i in file_of if refs[i]]  # an image without a reference cannot be scored
-    if not ids:
-        raise CaptoolError(f"{ann_path}: no image with a reference caption")
-    folder = _image_folder(ann_path, [file_of[i] for i in ids], image_dir)
-    scenes = None
-    if all("scene" in im for im in doc["images"]):
-        scenes = {im["id"]: im["scene"] for im in doc["images"]}
-    return EvalSet(ann_path, "coco-json", split, ids, [folder / file_of[i] for i in ids],
-                   {i: refs[i] for i in ids}, scenes)
-
-
-def _karpathy(path: Path, doc: dict, split: str, image_dir: Optional[Path]) -> EvalSet:
-    root = image_dir or path.parent
-    ids, images, refs = [], [], {}
-    for k, entry in enumerate(doc["images"]):
-        if entry.get("split") != split:
-            continue
-        texts = [s.get("raw") or " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])]
-        texts = [t for t in texts if t.strip()]
-        if texts:
-            image_id = entry.get("cocoid", entry.get("imgid", k))
-            ids.append(image_id)
-            images.append(root / str(entry.get("filepath", "")) / str(entry["filename"]))
-            refs[image_id] = texts
-    if not ids:
-        raise CaptoolError(f"{path}: no image of split {split!r} with a reference caption "
-                           f"(Karpathy splits are train, restval, val and test)")
-    return EvalSet(path, "karpathy-json", split, ids, images, refs)
+# ---- datasets: captool.datasets reads them without torch (except the course's coco.pt) -------------
 
 
 def _coco_pt(path: Path, split: str) -> EvalSet:
@@ -198,32 +128,24 @@ def _coco_pt(path: Path, split: str) -> EvalSet:
 
 
 def load_eval_set(data: str | Path, split: str = "val", image_dir: Optional[Path] = None) -> EvalSet:
-    """A split of a COCO captions dataset (dir or file), a Karpathy JSON, or the course's coco.pt."""
-    path = Path(data)
-    image_dir = Path(image_dir) if image_dir else None
-    if not path.exists():
-        raise CaptoolError(f"{path}: no such file or directory (--data takes a `captool synth` or COCO "
-                           f"captions directory, a captions_*.json, a dataset_*.json or coco.pt)")
-    if path.is_dir():
-        found = _find_annotations(path, split)
-        karpathy = sorted(path.glob("dataset_*.json"))
-        if found is None and len(karpathy) == 1:
-            found = karpathy[0]
-        elif found is None and (path / "coco.pt").is_file():
-            found = path / "coco.pt"
-        if found is None:
-            raise CaptoolError(f"{path}: no annotations for split {split!r} (looked for "
-                               f"annotations/captions_{split}*.json, dataset_*.json and coco.pt)")
-        path = found
+    """A split of a COCO captions dataset (dir or file), a Karpathy JSON, or the course's coco.pt.
+
+    Which file and which image folder: the rules of captool.datasets, the same as `captool train`'s.
+    """
+    path = find_dataset(Path(data), split)
     if path.suffix == ".pt":
         return _coco_pt(path, split)
-    doc = _read_json(path)
-    if isinstance(doc, dict) and isinstance(doc.get("images"), list):
-        if isinstance(doc.get("annotations"), list):
-            return _coco(path, doc, split, image_dir)
-        if doc["images"] and isinstance(doc["images"][0].get("sentences"), list):
-            return _karpathy(path, doc, split, image_dir)
-    raise CaptoolError(f"{path}: neither COCO captions JSON (images + annotations) nor Karpathy JSON")
+    annotations = read_annotations(path, images=Path(image_dir) if image_dir else None)
+    records = annotations.of_split(split)  # an image without a reference caption cannot be scored
+    if not records and annotations.format == "karpathy-json":
+        raise CaptoolError(f"{path}: no image of split {split!r} with a reference caption "
+                           f"(Karpathy splits are train, restval, val and test)")
+    if not records:
+        raise CaptoolError(f"{path}: no image with a reference caption")
+    ids = [r.image_id for r in records]
+    scenes = {r.image_id: r.scene for r in records} if all(r.scene is not None for r in records) else None
+    return EvalSet(path, annotations.format, split, ids, [r.path for r in records],
+                   {r.image_id: r.captions for r in records}, scenes)
 
 
 # ---- scoring: pycocoevalcap's scorers -----------------------------------------------------------

@@ -7,19 +7,10 @@
   Keys `train_images` uint8 [N,3,112,112], `train_captions` int64 [K,17], `val_images`,
   `val_captions`, `vocab` {idx_to_token, token_to_idx}; optional `train_image_idx`/`val_image_idx`
   map caption rows to image rows (without them captions and images pair up row by row).
-- COCO captions JSON (`{"images": [...], "annotations": [...]}`): either a directory holding
-  `annotations/captions_train*.json` and `annotations/captions_val*.json` (or the same names at its
-  top level), or one such file, which becomes the training split; its `val` sibling (the name with
-  `train` replaced by `val`) is the validation split when it exists. Images of `captions_<split>.json`
-  are looked up, in order, in `<images>/<split>/`, `<images>/`, `<root>/<split>/`,
-  `<root>/images/<split>/`, `<root>/` and the JSON's own folder, where `<root>` is the folder above
-  `annotations/` (or the JSON's folder) and `<images>` is the `--images` option; the first folder
-  holding one of the first images listed wins. This covers both `captool synth`'s layout
-  (`OUT/train/000000.png`) and COCO's (`coco/train2017/000000000009.jpg`).
-- Karpathy split JSON (`dataset_coco.json` style: `images` with `filepath`, `filename`, `split`,
-  `sentences`): that file, or a directory holding exactly one `dataset_*.json`. Images are
-  `<images or the JSON's folder>/<filepath>/<filename>`; splits `train` and `restval` train, `val`
-  validates, `test` is left out.
+- COCO captions JSON (a dataset folder, or one `captions_train*.json`, whose `val` sibling is the
+  validation split) and Karpathy split JSON (a `dataset_*.json`; splits `train` and `restval` train,
+  `val` validates, `test` is left out): read by `captool.datasets` (torch-free, shared with
+  `captool eval`), whose docstring gives the rules for which file and which image folder.
 
 File images go through `captool.preprocess.preprocess`, the runtime's own function, so training sees
 the pixels deployment sees. Each image is decoded once into an in-memory uint8 tensor per split:
@@ -30,29 +21,27 @@ skipped, and the count is reported at the end; an annotation file that cannot be
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from captool.errors import ImageError
+from captool.datasets import (ImageRecord, Report, coco_annotations, find_dataset, read_annotations, read_coco,
+                              read_json, sibling)
+from captool.errors import CaptoolError, ImageError
 from captool.preprocess import IMAGE_SIZE, preprocess
-from captool.vocab import MAX_WORDS, Vocab, tokenize
+from captool.vocab import MAX_WORDS, Vocab
 
 from .errors import TrainingError
 
 CAPTION_LENGTH = MAX_WORDS + 2  # <START> + 15 words + <END>, as the rows of coco.pt
 COCO_PT_KEYS = ("train_images", "train_captions", "val_images", "val_captions", "vocab")
-FORMATS = "the course's coco.pt, COCO captions JSON (images + annotations) or Karpathy split JSON (dataset_coco.json)"
-
-Report = Callable[[str], None]
 
 
 def warn(message: str) -> None:
@@ -95,12 +84,6 @@ class CaptionData:
     problems: list[str] = field(default_factory=list)  # everything reported and skipped
 
 
-@dataclass
-class _ImageCaptions:  # one image file and its captions, before decoding
-    path: Path
-    captions: list[str]
-
-
 def load_data(path, *, images=None, min_count: int = 1, image_size: int = IMAGE_SIZE,
               report: Report = warn) -> CaptionData:
     """Read a dataset in any of the three formats; `images` overrides where image files are looked up."""
@@ -112,24 +95,16 @@ def load_data(path, *, images=None, min_count: int = 1, image_size: int = IMAGE_
         report(message)
 
     images = Path(images) if images is not None else None
-    if not path.exists():
-        raise TrainingError(f"{path}: no such file or directory (--data takes {FORMATS})")
-    if path.is_dir() and (path / "coco.pt").is_file() and not _coco_json_files(path, "train"):
-        path = path / "coco.pt"
-    if path.is_file() and path.suffix == ".pt":
-        data = _load_coco_pt(path, image_size, note)
+    try:  # captool.datasets finds the file and reads the JSON formats; its errors become training's type
+        source = find_dataset(path, "train")
+        json_splits = None if source.suffix == ".pt" else _json_splits(path, source, images, note)
+    except CaptoolError as e:
+        raise TrainingError(str(e)) from None
+    if json_splits is None:
+        data = _load_coco_pt(source, image_size, note)
     else:
-        train_json, val_json = _annotation_files(path)
-        doc = _read_json(train_json)
-        kind = _json_kind(doc)
-        if kind == "coco":
-            splits = {"train": _parse_coco(train_json, doc, images, note),
-                      "val": _parse_coco(val_json, _read_json(val_json), images, note) if val_json else None}
-        elif kind == "karpathy":
-            splits = _parse_karpathy(train_json, doc, images, note)
-        else:
-            raise TrainingError(f"{train_json}: unknown annotation format; expected {FORMATS}")
-        data = _build(splits, min_count, image_size, note, "coco-json" if kind == "coco" else "karpathy-json", path)
+        fmt, splits = json_splits
+        data = _build(splits, min_count, image_size, note, fmt, path)
     data.problems = problems
     return data
 
@@ -193,129 +168,25 @@ def _coco_pt_split(path: Path, blob: dict, split: str, vocab: Vocab, image_size:
     return CaptionSplit(images, captions[keep], image_idx[keep])
 
 
-# ---- JSON formats -----------------------------------------------------------------------------
+# ---- JSON formats, through captool.datasets -----------------------------------------------------
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise TrainingError(f"{path}: cannot be read ({e})") from None
+def _json_splits(data: Path, source: Path, images: Optional[Path],
+                 note: Report) -> tuple[str, dict[str, list[ImageRecord]]]:
+    """Training and validation images: Karpathy's train+restval and val, or a COCO file and its val file."""
+    annotations = read_annotations(source, images=images, report=note)
+    if annotations.format == "karpathy-json":
+        return annotations.format, {"train": annotations.of_split("train", "restval"),
+                                    "val": annotations.of_split("val")}
+    val_file = coco_annotations(data, "val") if data.is_dir() else sibling(source, "val")
+    val = read_coco(val_file, read_json(val_file), images=images, report=note).records if val_file else []
+    return annotations.format, {"train": annotations.records, "val": val}
 
 
-def _json_kind(doc) -> Optional[str]:
-    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list)):
-        return None
-    if isinstance(doc.get("annotations"), list):
-        return "coco"
-    first = doc["images"][0] if doc["images"] else None
-    if isinstance(first, dict) and isinstance(first.get("sentences"), list):
-        return "karpathy"
-    return None
-
-
-def _coco_json_files(folder: Path, split: str) -> list[Path]:
-    for where in (folder / "annotations", folder):
-        found = sorted(where.glob(f"captions_{split}*.json"))
-        if found:
-            return found
-    return []
-
-
-def _annotation_files(path: Path) -> tuple[Path, Optional[Path]]:
-    """The training annotation file and, where there is one, the validation file."""
-    if path.is_file():
-        if path.suffix != ".json":
-            raise TrainingError(f"{path}: not a dataset file; --data takes {FORMATS}")
-        sibling = path.with_name(path.name.replace("train", "val"))
-        return path, (sibling if "train" in path.name and sibling.is_file() else None)
-    train, val = _coco_json_files(path, "train"), _coco_json_files(path, "val")
-    if train:
-        for found in (train, val):
-            if len(found) > 1:
-                raise TrainingError(f"{path}: several annotation files ({', '.join(p.name for p in found)}); "
-                                    f"pass the one to train on as --data")
-        return train[0], (val[0] if val else None)
-    karpathy = sorted(path.glob("dataset_*.json"))
-    if len(karpathy) == 1:
-        return karpathy[0], None
-    raise TrainingError(f"{path}: no dataset found (looked for coco.pt, annotations/captions_train*.json and "
-                        f"dataset_*.json); --data takes {FORMATS}")
-
-
-def _field(path: Path, entry, key: str, what: str, index: int):
-    if not isinstance(entry, dict) or key not in entry:
-        raise TrainingError(f"{path}: {what} #{index} has no '{key}' field; the file is not in the format it claims")
-    return entry[key]
-
-
-def _image_folder(ann_path: Path, file_names: list[str], images: Optional[Path]) -> Path:
-    split = ann_path.stem.removeprefix("captions_")  # "train2017", "val", ...
-    root = ann_path.parent.parent if ann_path.parent.name == "annotations" else ann_path.parent
-    tried = ([images / split, images] if images else []) + [root / split, root / "images" / split, root,
-                                                            ann_path.parent]
-    probes = file_names[:5]
-    for folder in dict.fromkeys(tried):  # ordered, without repeats
-        if any((folder / name).is_file() for name in probes):
-            return folder
-    raise TrainingError(f"{ann_path}: cannot find its images (looked for {probes[0]} in "
-                        f"{', '.join(map(str, dict.fromkeys(tried)))}); pass the image folder with --images")
-
-
-def _parse_coco(ann_path: Path, doc, images: Optional[Path], note: Report) -> list[_ImageCaptions]:
-    if _json_kind(doc) != "coco":
-        raise TrainingError(f"{ann_path}: not COCO captions JSON ('images' and 'annotations' lists)")
-    file_of, order = {}, []
-    for i, entry in enumerate(doc["images"]):
-        image_id = _field(ann_path, entry, "id", "image", i)
-        file_of[image_id] = str(_field(ann_path, entry, "file_name", "image", i))
-        order.append(image_id)
-    captions: dict = {image_id: [] for image_id in order}
-    for i, ann in enumerate(doc["annotations"]):
-        image_id = _field(ann_path, ann, "image_id", "annotation", i)
-        text = _field(ann_path, ann, "caption", "annotation", i)
-        where = f"{ann_path}: annotation {ann.get('id', '#' + str(i))}"
-        if image_id not in captions:
-            note(f"{where}: image_id {image_id} is not among the images, skipped")
-        elif not isinstance(text, str) or not tokenize(text):
-            note(f"{where}: empty caption for image {file_of[image_id]}, skipped")
-        else:
-            captions[image_id].append(text)
-    if not order:
-        return []
-    folder = _image_folder(ann_path, [file_of[i] for i in order], images)
-    return [_ImageCaptions(folder / file_of[i], captions[i]) for i in order if captions[i]]
-
-
-def _parse_karpathy(path: Path, doc, images: Optional[Path], note: Report) -> dict[str, list[_ImageCaptions]]:
-    root = images or path.parent
-    splits: dict[str, list[_ImageCaptions]] = {"train": [], "val": []}
-    for i, entry in enumerate(doc["images"]):
-        name = str(_field(path, entry, "filename", "image", i))
-        split = _field(path, entry, "split", "image", i)
-        texts = []
-        for j, sentence in enumerate(_field(path, entry, "sentences", "image", i)):
-            raw = sentence.get("raw") if isinstance(sentence, dict) else None
-            if raw is None and isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
-                raw = " ".join(map(str, sentence["tokens"]))
-            if not isinstance(raw, str) or not tokenize(raw):
-                sid = sentence.get("sentid", j) if isinstance(sentence, dict) else j
-                note(f"{path}: image {name} sentence {sid}: empty caption, skipped")
-            else:
-                texts.append(raw)
-        target = {"train": "train", "restval": "train", "val": "val"}.get(split)
-        if target and texts:
-            splits[target].append(_ImageCaptions(root / str(entry.get("filepath", "")) / name, texts))
-    return splits
-
-
-def _decode(items: list[_ImageCaptions], size: int, split: str, note: Report) -> tuple[np.ndarray, list[int]]:
+def _decode(items: list[ImageRecord], size: int, split: str, note: Report) -> tuple[np.ndarray, list[int]]:
     """Every image through the runtime's preprocess, in threads (Pillow releases the GIL while decoding)."""
 
-    def one(item: _ImageCaptions):
+    def one(item: ImageRecord):
         try:
             return preprocess(item.path, size)
         except ImageError as e:
