@@ -36,7 +36,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
                   images: str | Path | None = None, overwrite: bool = False,
                   batch_sizes: Sequence[int] = BATCH_SIZES, calibration: str | Path | None = None,
                   calibration_images: int = CALIBRATION_IMAGES,
-                  validation_images: int = VALIDATION_IMAGES) -> ParityReport:
+                  validation_images: int = VALIDATION_IMAGES,
+                  min_agreement: Optional[float] = None) -> ParityReport:
     """Export `checkpoint` (run dir, model file or a CaptioningRNN) to the bundle directory `out`.
 
     The bundle appears at `out` only if validation passes; otherwise ExportError(report) is raised
@@ -49,9 +50,13 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         calibration: int8: the folder of images or dataset (its train split) to calibrate the encoder
             on; default the training data the run recorded. fp16/int8 without `images`: that
             dataset's val split is the validation set (a plain folder: its own images).
+        min_agreement: fp16/int8: the share of validation images whose caption must equal PyTorch's
+            (default: the precision's, validate.TOLERANCES).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not available; choose one of {', '.join(PRECISIONS)}")
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise ExportError(f"--min-agreement must be a share between 0 and 1, got {min_agreement}")
     out = Path(out)
     check_target(out, overwrite)
     if images is not None and precision == "fp32":
@@ -63,6 +68,9 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
                                                       calibration, calibration_images, validation_images)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets a plain directory's mode
     try:
         specs = io_specs(model.config)
         seconds: dict[str, float] = {}
@@ -91,7 +99,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             manifest["quantization"] = {**quantization, "validation": validation_set.describe()}
             write_manifest(tmp, manifest)
             start = time.perf_counter()
-            report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes)
+            report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes,
+                                   min_agreement=min_agreement)
             seconds["validation"] = round(seconds["validation"] + time.perf_counter() - start, 3)
             if not report.ok:
                 raise ExportError(f"the {precision} graphs are further from the PyTorch model than {precision} "

@@ -22,7 +22,7 @@ from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 from .validate import ExportError
 
 CALIBRATION_IMAGES = 128  # enough for stable MinMax ranges on MobileNetV2 (docs/export.md has the numbers)
-VALIDATION_IMAGES = 128
+VALIDATION_IMAGES = 256  # agreement measured to about +-1.5 % (one standard error at 95 %)
 CALIBRATION_BATCH = 16  # images per calibration run: bounds the memory the calibrator holds at once
 TRAIN_STATE = "train_state.json"  # written by `captool train` beside the checkpoint; names its dataset
 

@@ -32,9 +32,9 @@ from .validate import ExportError
 
 # Settings written into manifest["quantization"], so a bundle says how it was made.
 INT8_ENCODER = {"method": "static", "format": "QDQ", "activations": "uint8", "weights": "int8",
-                "per_channel": True, "calibrate_method": "MinMax", "tool": "onnxruntime.quantization.quantize_static"}
+                "per_channel": True, "calibrate_method": "Percentile", "tool": "onnxruntime.quantization.quantize_static"}
 INT8_DECODER_STEP = {"method": "dynamic", "activations": "uint8 (range per call)", "weights": "int8",
-                     "per_channel": False, "ops": ["MatMul", "Gemm"], "tool": "onnxruntime.quantization.quantize_dynamic"}
+                     "per_channel": True, "ops": ["MatMul", "Gemm"], "tool": "onnxruntime.quantization.quantize_dynamic"}
 FP16 = {"method": "float16 weights and compute, float32/uint8/int64 inputs and outputs kept",
         "tool": "onnxruntime.transformers.float16.convert_float_to_float16"}
 
@@ -82,7 +82,8 @@ def quantize_encoder(src: Path, dst: Path, calibration: ImageSet, work: Path) ->
         with _quiet():
             quantize_static(str(pre), str(dst), ImageReader(calibration.images), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=INT8_ENCODER["per_channel"], calibrate_method=CalibrationMethod.MinMax)
+                            per_channel=INT8_ENCODER["per_channel"],
+                            calibrate_method=getattr(CalibrationMethod, INT8_ENCODER["calibrate_method"]))
     except Exception as e:
         raise ExportError(f"{src.name}: static quantization failed: {e}") from None
     _finish(dst)

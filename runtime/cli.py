@@ -260,6 +260,8 @@ def export_command(
                                                 "dynamic int8 decoder step).")] = "fp32",
     calibration: Annotated[Optional[Path], typer.Option(help="int8: images to calibrate on, a folder or a dataset "
                                                              "(its train split); default: the run's training data.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="fp16/int8: share of validation images whose caption "
+                                                                "must equal PyTorch's (default 0.98 fp16, 0.85 int8).")] = None,
 ) -> None:
     """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
 
@@ -270,7 +272,8 @@ def export_command(
         export = need("captool.export")
         try:
             report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
-                                          precision=precision, calibration=calibration)
+                                          precision=precision, calibration=calibration,
+                                          min_agreement=min_agreement)
         except export.ExportError as e:
             if e.report is None:
                 raise
