@@ -35,7 +35,7 @@ def _commands() -> None:
 
 # Which extra provides each heavy module, for the "install captool[...]" message.
 _EXTRA_OF = {"torch": "train", "torchvision": "train", "safetensors": "train", "onnx": "export",
-             "onnxscript": "export", "pycocoevalcap": "eval", "matplotlib": "bench", "psutil": "bench"}
+             "onnxscript": "export", "pycocoevalcap": "eval", "matplotlib": "bench"}
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
