@@ -163,15 +163,8 @@ class Captioner:
 
     def to_caption(self, row: np.ndarray, path: Optional[str] = None) -> Caption:
         """One row of `generate` as a Caption: the words before `<END>`, without `<NULL>`/`<START>`."""
-        v = self.vocab
-        ids = []
-        for i in row:
-            i = int(i)
-            if i == v.end_id:
-                break
-            if i not in (v.null_id, v.start_id):
-                ids.append(i)
-        return Caption(text=" ".join(v.idx_to_token[i] for i in ids), tokens=ids, path=path)
+        ids = self.vocab.word_ids(row)
+        return Caption(text=" ".join(self.vocab.idx_to_token[i] for i in ids), tokens=ids, path=path)
 
     def caption(self, images: Sequence[ImageSource] | ImageSource, beam_size: int = 1,
                 max_length: Optional[int] = None, *, length_penalty: float = 0.0,

@@ -57,17 +57,19 @@ class Vocab:
         ids.append(self.end_id)
         return ids + [self.null_id] * (length - len(ids))
 
-    def words(self, ids: Sequence[int]) -> list[str]:
-        """Tokens of a sampled sequence up to its first `<END>`, skipping `<NULL>` and `<START>`."""
+    def word_ids(self, ids: Sequence[int]) -> list[int]:
+        """The word ids of a sampled sequence: up to its first `<END>`, without `<NULL>` and `<START>`."""
         out = []
         for i in ids:
             i = int(i)
             if i == self.end_id:
                 break
-            if i in (self.null_id, self.start_id):
-                continue
-            out.append(self.idx_to_token[i])
+            if i not in (self.null_id, self.start_id):
+                out.append(i)
         return out
+
+    def words(self, ids: Sequence[int]) -> list[str]:
+        return [self.idx_to_token[i] for i in self.word_ids(ids)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(self.words(ids))
