@@ -238,14 +238,18 @@ def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Pr
     non-empty directory is refused.
     """
     out = Path(out)
-    if train < 1 or val < 0:
-        raise CaptoolError(f"--train must be >= 1 and --val >= 0, got train={train}, val={val}")
+    if train < 0 or val < 0 or train + val < 1:
+        raise CaptoolError(f"--train and --val must be >= 0 with at least one image in all, got train={train}, "
+                           f"val={val}")
     if seed < 0:
         raise CaptoolError(f"--seed must be a non-negative integer, got {seed}")
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    building.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the dataset gets a plain directory's mode
     try:
         (building / "annotations").mkdir()
         refs = _write_split(building, "train", train, seed, progress)

@@ -139,10 +139,18 @@ def test_refuses_a_foreign_directory_and_replaces_its_own(tmp_path):
 
 def test_bad_counts_are_refused(tmp_path):
     with pytest.raises(CaptoolError, match="--train"):
-        write_dataset(tmp_path / "x", train=0, val=1, seed=0)
+        write_dataset(tmp_path / "x", train=0, val=0, seed=0)
+    with pytest.raises(CaptoolError, match="--train"):
+        write_dataset(tmp_path / "x", train=-1, val=3, seed=0)
     with pytest.raises(CaptoolError, match="--seed"):
         write_dataset(tmp_path / "x", train=1, val=1, seed=-1)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_evaluation_only_set_has_no_training_images(tmp_path):
+    write_dataset(tmp_path / "heldout", train=0, val=3, seed=1)
+    assert not list((tmp_path / "heldout" / "train").glob("*.png"))
+    assert len(_load(tmp_path / "heldout", "val")["images"]) == 3
 
 
 def test_cli_writes_the_dataset(tmp_path):
