@@ -145,7 +145,7 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     opts.log_severity_level = VERBOSE if verbose else QUIET
     if graph == "decoder_step":
         opts.intra_op_num_threads = 1
-    elif threads:
+    elif threads:  # the encoder, and the decoder step's session for wide batches (Captioner.step)
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts

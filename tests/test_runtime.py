@@ -262,3 +262,25 @@ def test_decoder_step_session_options():
     assert sessions.session_options("encoder", 3).intra_op_num_threads == 3
     assert sessions.session_options("decoder_step", 4).intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_wide_batches_step_on_a_multithreaded_session_with_the_same_results(tiny_bundle):
+    """From WIDE_BATCH rows the step runs on a second, multi-threaded session: same outputs."""
+    from captool.captioner import WIDE_BATCH
+
+    bundle = tiny_bundle("lstm")
+    captioner = Captioner(bundle, device="cpu")
+    n = WIDE_BATCH + 3
+    images = np.random.default_rng(5).integers(0, 256, (n, 3, 112, 112), dtype=np.uint8)
+    state = captioner.encode(images)
+    feeds = {"token": np.full(n, captioner.vocab.start_id, np.int64), "h": state["h0"], "c": state["c0"]}
+    assert captioner._wide_decoder is None
+    wide = captioner.step(feeds)
+    assert captioner._wide_decoder is not None
+    narrow = dict(zip(captioner._step_outputs, captioner._decoder.run(captioner._step_outputs, feeds)))
+    for name in narrow:
+        np.testing.assert_allclose(wide[name], narrow[name], rtol=1e-5, atol=1e-6)
+    single = Captioner(bundle, device="cpu", threads=1)
+    single.step(feeds)
+    assert single._wide_decoder is None  # threads=1 means one thread everywhere
+    assert (captioner.generate(images) == single.generate(images)).all()
