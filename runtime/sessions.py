@@ -132,9 +132,10 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
 
     Both graphs are chains of ops: sequential execution, one inter-op thread. The encoder
     (MobileNetV2) gets `threads` intra-op threads (default: onnxruntime's, one per physical core).
-    The decoder step is three small matmuls: a thread pool gained nothing at batch 1 or 64
-    here, so it runs on the calling thread alone, leaving the other cores to the encoder and the
-    image loader. Idle pool threads do not spin: spinning burnt the cores the loader needs.
+    The decoder step ("decoder_step") is three small matmuls: below 32 rows a thread pool gains
+    nothing, so it runs on the calling thread alone, leaving the other cores to the encoder and the
+    image loader; "decoder_step_wide", the same graph for wide batches, gets `threads` like the
+    encoder. Idle pool threads do not spin: spinning burnt the cores the loader needs.
     """
     import onnxruntime as ort
 
