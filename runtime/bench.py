@@ -95,32 +95,14 @@ def _side_calls(sampler: Sampler, images: np.ndarray, batch64: np.ndarray, max_l
     if sampler.kind == "bundle":
         c = sampler.model
         return _calls(c.generate, c.encode, c.step, images, batch64, start)
-    import torch
+    from .training.reference import bench_calls
 
-    model = sampler.model
-    return _calls(lambda x: model.sample(x, max_length=max_length), model.encode, lambda f: model.step(**f),
-                  images, batch64, start, as_input=torch.from_numpy, context=torch.inference_mode)
+    torch_side = bench_calls(sampler.model, max_length)
+    return _calls(torch_side["generate"], torch_side["encode"], torch_side["step"], images, batch64, start,
+                  as_input=torch_side["as_input"], context=torch_side["context"])
 
 
 # ---- cold start: whole processes ----------------------------------------------------------------
-
-_PYTORCH_SCRIPT = '''"""The PyTorch way to caption one image: what `captool run` replaces."""
-import sys
-
-import torch  # noqa: F401
-import torchvision  # noqa: F401
-
-from captool.preprocess import preprocess
-from captool.training import load_checkpoint
-from captool.vocab import Vocab
-
-model = load_checkpoint(sys.argv[1])
-image = torch.from_numpy(preprocess(sys.argv[2], model.config.image_size))[None]  # (1, 3, S, S)
-with torch.inference_mode():
-    ids = model.sample(image)[0].tolist()
-print(Vocab(model.idx_to_token).decode(ids))
-'''
-
 
 # Runs one job from a small, fresh process: on Linux a child's peak RSS starts at its parent's (fork
 # and exec carry the high-water mark over), so measuring straight from this process, which holds
@@ -162,15 +144,12 @@ def cold_start(bundle: Path, checkpoint: Optional[Path], image: Path, repeats: i
     """Median wall time and peak RSS of `captool run IMAGE --model BUNDLE` vs a PyTorch script doing the same."""
     jobs = {"runtime": [sys.executable, "-m", "captool.cli", "run", str(image), "--model", str(bundle),
                         "--device", "cpu", "--json"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        if checkpoint is not None:
-            script = Path(tmp) / "caption_pytorch.py"
-            script.write_text(_PYTORCH_SCRIPT, encoding="utf-8")
-            jobs["pytorch"] = [sys.executable, str(script), str(checkpoint), str(image)]
-        runs: dict[str, list] = {side: [] for side in jobs}
-        for r in range(repeats):
-            for side in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
-                runs[side].append(run_child(jobs[side]))
+    if checkpoint is not None:  # training/reference.py: import torch + torchvision, load, preprocess, sample
+        jobs["pytorch"] = [sys.executable, "-m", "captool.training.reference", str(checkpoint), str(image)]
+    runs: dict[str, list] = {side: [] for side in jobs}
+    for r in range(repeats):
+        for side in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+            runs[side].append(run_child(jobs[side]))
     result = {side: {"seconds": float(np.median([w for w, _, _ in rs])),
                      "peak_rss": max((m for _, m, _ in rs if m is not None), default=None)}
               for side, rs in runs.items()}
@@ -297,9 +276,9 @@ def _machine(runtime: Sampler, pytorch: Optional[Sampler], rates: dict) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "providers": runtime.model.providers, **rates}
     if pytorch is not None:
-        import torch
+        from .training.reference import versions
 
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        info.update(versions())
     return info
 
 

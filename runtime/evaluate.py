@@ -71,21 +71,12 @@ def open_model(path: str | Path, *, beam_size: int = 1, device: str = "auto",
     if beam_size != 1:
         raise CaptoolError("beam search runs on bundles only: the checkpoint side is the PyTorch model's own "
                            "greedy sample(); use --beam-size 1 to compare the two, or evaluate the bundle")
-    import torch
+    from .training import reference
 
-    from .training import load_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load_checkpoint(path)
+    model = reference.load_reference(path, threads)
     config = model.config
-
-    def generate(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model.sample(torch.from_numpy(images), max_length=config.max_length).numpy()
-
     return Sampler("checkpoint", path, Vocab(list(model.idx_to_token)), config.image_size,
-                   config.max_length, generate, model)
+                   config.max_length, reference.sampler(model), model)
 
 
 @dataclass
