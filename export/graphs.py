@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from captool.bundle import graph_signature
 
+from .fold import fold_input_projection
 from .validate import ExportError
 
 MIN_OPSET = 18  # the dynamo exporter writes 18 natively; its conversion down to 17 breaks Split (docs/export.md)
@@ -98,8 +99,12 @@ def export_encoder(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, 
     _export(EncoderGraph(model), (example_images(model, batch),), names["inputs"], names["outputs"], path, opset)
 
 
-def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
-    """Trace one `model.step` into `path`, with the state that `encode` gives for the example images."""
+def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH,
+                        fold: bool = True) -> None:
+    """Trace one `model.step` into `path`, with the state that `encode` gives for the example images.
+
+    fold: compute `W_embed @ Wx + b` once into a lookup table (captool.export.fold says why).
+    """
     names = graph_signature(model.config.cell_type)["decoder_step"]
     with torch.no_grad():
         state = model.encode(example_images(model, batch))
@@ -107,10 +112,12 @@ def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OP
     by_input = {"token": token, "h": state["h0"], "c": state.get("c0"), "features": state.get("features")}
     # Clones: attention's h0 and c0 are one tensor, and torch.export merges aliased inputs into one.
     args = tuple(by_input[name].clone() for name in names["inputs"])
-    _export(DecoderStepGraph(model), args, names["inputs"], names["outputs"], path, opset)
+    _export(DecoderStepGraph(model), args, names["inputs"], names["outputs"], path, opset,
+            rewrite=fold_input_projection if fold else None)
 
 
-def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path, opset: int) -> None:
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path, opset: int,
+            rewrite=None) -> None:
     if opset < MIN_OPSET:
         raise ExportError(
             f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET} and up "
@@ -129,6 +136,8 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
     model = program.model_proto
     name_batch_axis(model)
     strip_metadata(model)
+    if rewrite is not None:
+        rewrite(model)
     onnx.save_model(model, str(path))
 
 

@@ -10,10 +10,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .bundle import Manifest, graph_signature, load_manifest
-from .decode import Beams, beam_search, greedy
+from .decode import Beams, beam_search, greedy, greedy_bound
 from .errors import BundleError, CaptoolError
 from .preprocess import ImageSource, preprocess
-from .sessions import BoundStep, create_session, io_binding_wanted, open_sessions, set_verbose
+from .sessions import BoundStep, StepBuffers, create_session, io_binding_wanted, open_sessions, set_verbose
 
 log = logging.getLogger("captool")
 
@@ -72,6 +72,7 @@ class Captioner:
         self._wide_decoder = None  # made on the first wide batch (CPU only)
         self.io_binding = io_binding_wanted(self.device, io_binding)
         self._step_fn = BoundStep(self._decoder, self.device) if self.io_binding else self.step
+        self._buffers: Optional[StepBuffers] = None  # greedy's bound step on the CPU, for the last batch size
 
     # --- checks made at load, each with its own message -------------------------------------
 
@@ -137,15 +138,29 @@ class Captioner:
             raise CaptoolError(f"encoder input must be uint8 [N,3,{s},{s}] (see captool.preprocess), got {got}")
         return dict(zip(self._encoder_outputs, self._encoder.run(self._encoder_outputs, {"image": images})))
 
-    def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One decoder step: token and state in, logits and next state out, by name (numpy)."""
-        session = self._decoder
-        if self.device == "cpu" and feeds["token"].shape[0] >= WIDE_BATCH and self._threads != 1:
+    def _step_session(self, batch: int):
+        """The decoder step's session for `batch` rows: on the CPU, wide batches get the multi-threaded one."""
+        if self.device == "cpu" and batch >= WIDE_BATCH and self._threads != 1:
             if self._wide_decoder is None:
                 self._wide_decoder = create_session(self.manifest.decoder_step_path, "decoder_step_wide",
                                                     self._placement, self._threads, self._verbose)
-            session = self._wide_decoder
+            return self._wide_decoder
+        return self._decoder
+
+    def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One decoder step: token and state in, logits and next state out, by name (numpy)."""
+        session = self._step_session(feeds["token"].shape[0])
         return dict(zip(self._step_outputs, session.run(self._step_outputs, feeds)))
+
+    def step_buffers(self, batch: int) -> StepBuffers:
+        """The CPU decoder step for `batch` rows with its inputs and outputs bound once (what greedy runs)."""
+        session = self._step_session(batch)
+        if self._buffers is None or self._buffers.batch != batch or self._buffers.session is not session:
+            m = self.manifest
+            shapes = {"h": (m.hidden_dim,), "c": (m.hidden_dim,), "features": (m.hidden_dim, 4, 4),
+                      "logits": (len(self.vocab),), "attn_weights": (4, 4)}
+            self._buffers = StepBuffers(session, batch, shapes)
+        return self._buffers
 
     # --- decoding ----------------------------------------------------------------------------
 
@@ -172,8 +187,12 @@ class Captioner:
         if beam_size != 1:
             return self.beam_search(images, beam_size, max_length, length_penalty).best
         v = self.vocab
-        return greedy(self.encode(images), self._step_fn, start_id=v.start_id, end_id=v.end_id,
-                      null_id=v.null_id, max_length=self._max_length(max_length))
+        ids = {"start_id": v.start_id, "end_id": v.end_id, "null_id": v.null_id,
+               "max_length": self._max_length(max_length)}
+        encoded = self.encode(images)
+        if self.io_binding:  # state kept on the device between steps
+            return greedy(encoded, self._step_fn, **ids)
+        return greedy_bound(encoded, self.step_buffers(images.shape[0]), **ids)
 
     def to_caption(self, row: np.ndarray, path: Optional[str] = None) -> Caption:
         """One row of `generate` as a Caption: the words before `<END>`, without `<NULL>`/`<START>`."""

@@ -60,6 +60,29 @@ def greedy(
     return tokens
 
 
+def greedy_bound(encoder_out: Arrays, buffers, *, start_id: int, end_id: int, null_id: int,
+                 max_length: int) -> np.ndarray:
+    """`greedy` on a `captool.sessions.StepBuffers`: the same tokens, with no allocation per step.
+
+    The argmax is written straight into the step's token input.
+    """
+    buffers.load(initial_state(encoder_out))
+    word = buffers.tokens
+    n = word.shape[0]
+    word.fill(start_id)
+    tokens = np.full((n, max_length), null_id, dtype=np.int64)
+    done = np.zeros((n,), dtype=bool)
+    for t in range(max_length):
+        logits = buffers.run()
+        np.argmax(logits, axis=1, out=word)  # (N, V) -> (N,), the first maximum, into the next feed
+        column = tokens[:, t]
+        np.copyto(column, word, where=~done)
+        done |= word == end_id
+        if done.all():
+            break
+    return tokens
+
+
 @dataclass(frozen=True)
 class Beams:
     """Beam search's result: every image's k hypotheses, best first."""

@@ -236,3 +236,64 @@ class BoundStep:
         out = dict(zip(self.outputs, b.get_outputs()))
         out["logits"] = out["logits"].numpy()  # (N, V) on the host: the tokens are chosen here
         return out
+
+
+class StepBuffers:
+    """The decoder step on the CPU with every input and output bound once, to buffers made once.
+
+    A greedy step through `session.run` converts its feeds, allocates its outputs and builds dicts:
+    about as long as the step's own arithmetic at batch 1 (docs/runtime.md has the figures). Here two
+    IO bindings alternate: call t reads the state from buffer t % 2 and writes the next state into
+    the other, so nothing moves and nothing is allocated per step. `tokens` is the token input
+    itself: write the next tokens into it (np.argmax(..., out=tokens)), then `run()`; `run()` returns
+    the logits buffer, which the next call overwrites.
+    """
+
+    def __init__(self, session, batch: int, shapes: dict[str, tuple[int, ...]]):
+        import onnxruntime as ort
+
+        self.session, self.batch = session, batch
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        carried = {"h_next": "h", "c_next": "c"}  # outputs fed back as the next step's inputs
+
+        def buffer(name, dtype=np.float32):
+            return np.zeros((batch, *shapes[name]), dtype=dtype)
+
+        self.tokens = np.zeros((batch,), dtype=np.int64)
+        self._state = {name: (buffer(name), buffer(name)) for name in inputs if name in ("h", "c")}
+        self._shared = {"token": self.tokens}
+        if "features" in inputs:
+            self._shared["features"] = buffer("features")
+        self._out = {name: buffer(name) for name in outputs if name not in carried}
+        self._bindings = []
+        for parity in (0, 1):
+            b = session.io_binding()
+            for name in inputs:
+                array = self._shared[name] if name in self._shared else self._state[name][parity]
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+            for name in outputs:
+                array = self._state[carried[name]][1 - parity] if name in carried else self._out[name]
+                b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+            self._bindings.append(b)
+        self._parity = 0
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        """Start from this state (h, plus c and features where the cell has them), batch rows as made."""
+        self._parity = 0
+        for name, value in state.items():
+            target = self._shared[name] if name in self._shared else self._state[name][0]
+            np.copyto(target, value)
+
+    def run(self) -> np.ndarray:
+        """One step on `tokens` and the current state; the logits (batch, V), overwritten by the next call."""
+        self.session.run_with_iobinding(self._bindings[self._parity])
+        self._parity ^= 1
+        return self._out["logits"]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state (copies): what the next `run()` reads."""
+        current = {name: pair[self._parity].copy() for name, pair in self._state.items()}
+        if "features" in self._shared:
+            current["features"] = self._shared["features"].copy()
+        return current

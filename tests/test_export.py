@@ -257,3 +257,37 @@ def test_missing_export_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if `pip install captool` without [export]
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "captool[export]" in result.output
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_looks_up_the_folded_input_projection(tiny_bundle, tiny_checkpoint, cell):
+    """W_embed @ Wx + b is one table in decoder_step.onnx: no Wx, no bias add, the same numbers."""
+    from onnx import numpy_helper
+
+    from captool.export.fold import TABLE
+
+    model = load_model(tiny_checkpoint(cell))
+    proto = onnx.load(str(tiny_bundle(cell) / DECODER_STEP))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    with torch.no_grad():
+        want = (model.word_embedding.W_embed @ model.cell.Wx + model.cell.b).numpy()  # (V, G)
+    np.testing.assert_allclose(inits[TABLE], want, rtol=1e-5, atol=1e-6)
+    gone = [model.cell.Wx.detach().numpy(), model.word_embedding.W_embed.detach().numpy(), model.cell.b.detach().numpy()]
+    assert not any(v.shape == g.shape and np.array_equal(v, g) for v in inits.values() for g in gone)
+    consumers = [n.op_type for n in proto.graph.node if TABLE in n.input]
+    assert consumers == ["GatherND"]
+
+
+def test_fold_leaves_a_graph_without_the_pattern_alone():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from captool.export.fold import fold_input_projection
+
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph)
+    before = model.SerializeToString()
+    assert fold_input_projection(model) is None
+    assert model.SerializeToString() == before

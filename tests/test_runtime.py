@@ -123,6 +123,41 @@ def test_io_binding_path_gives_the_same_tokens(tiny_bundle, loaded, cell):
     np.testing.assert_array_equal(bound.generate(x, beam_size=3), plain.generate(x, beam_size=3))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("n", [1, 4])
+def test_prebound_greedy_equals_greedy_over_session_run(loaded, cell, n):
+    """generate() on the CPU runs on StepBuffers; the plain loop over Captioner.step is the reference."""
+    from captool.decode import greedy
+
+    captioner, _ = loaded(cell)
+    v = captioner.vocab
+    for seed in (6, 7):  # the second call reuses the buffers: nothing may leak from the first
+        x = images(n, seed=seed)
+        want = greedy(captioner.encode(x), captioner.step, start_id=v.start_id, end_id=v.end_id,
+                      null_id=v.null_id, max_length=captioner.manifest.max_length)
+        np.testing.assert_array_equal(captioner.generate(x), want)
+    assert captioner.step_buffers(n).batch == n
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_buffers_carry_the_state_like_session_run(loaded, cell):
+    captioner, _ = loaded(cell)
+    x = images(2, seed=8)
+    state = {STATE_FROM_ENCODER[k]: v for k, v in captioner.encode(x).items()}
+    buffers = captioner.step_buffers(2)
+    buffers.load(state)
+    feeds = dict(state)
+    for token in (1, 5, 9):  # three steps: the ping-pong buffers swap twice
+        buffers.tokens[:] = token
+        feeds["token"] = np.full(2, token, dtype=np.int64)
+        logits = buffers.run()
+        want = captioner.step(feeds)
+        np.testing.assert_allclose(logits, want["logits"], rtol=1e-5, atol=1e-6)
+        feeds.update({STATE_FROM_STEP[k]: v for k, v in want.items() if k in STATE_FROM_STEP})
+        for name, value in buffers.state().items():
+            np.testing.assert_allclose(value, feeds[name], rtol=1e-5, atol=1e-6)
+
+
 def test_io_binding_env_flag(tiny_bundle, monkeypatch):
     monkeypatch.setenv("CAPTOOL_IO_BINDING", "1")
     assert Captioner(tiny_bundle("rnn"), device="cpu").io_binding
