@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,18 +69,22 @@ def interleaved(pairs: dict[str, tuple[Callable, Optional[Callable]]], repeats: 
     return times
 
 
-def _calls(generate: Callable, encode: Callable, step: Callable, images: np.ndarray, batch64: np.ndarray,
+def _calls(generate: Callable, encode: Callable, prepare_step: Callable, images: np.ndarray, batch64: np.ndarray,
            start_id: int, as_input: Callable = lambda a: a, context: Callable = contextlib.nullcontext) -> dict:
-    """The timed calls of one side, `fn(repeat)`; batch 1 goes through the images one by one."""
+    """The timed calls of one side, `fn(repeat)`; batch 1 goes through the images one by one.
+
+    prepare_step(feeds) -> a call running one decoder step on those feeds, as the side's greedy loop does.
+    """
     n = len(images)
     singles = [as_input(images[i:i + 1]) for i in range(n)]  # n × (1,3,S,S)
     b8, b64 = as_input(batch64[:8]), as_input(batch64)
     with context():
         feeds = {b: {"token": as_input(np.full((len(x),), start_id, dtype=np.int64)), **initial_state(encode(x))}
                  for b, x in ((1, singles[0]), (64, b64))}
+        steps = {b: prepare_step(f) for b, f in feeds.items()}
     calls = {"caption_b1": lambda r: generate(singles[r % n]), "caption_b8": lambda r: generate(b8),
              "caption_b64": lambda r: generate(b64), "encoder_b1": lambda r: encode(singles[r % n]),
-             "step_b1": lambda r: step(feeds[1]), "step_b64": lambda r: step(feeds[64])}
+             "step_b1": lambda r: steps[1](), "step_b64": lambda r: steps[64]()}
 
     def in_context(fn):
         def call(r):
@@ -94,12 +99,22 @@ def _side_calls(sampler: Sampler, images: np.ndarray, batch64: np.ndarray, max_l
     start = sampler.vocab.start_id
     if sampler.kind == "bundle":
         c = sampler.model
-        return _calls(c.generate, c.encode, c.step, images, batch64, start)
+        return _calls(c.generate, c.encode, partial(_runtime_step, c), images, batch64, start)
     from .training.reference import bench_calls
 
     torch_side = bench_calls(sampler.model, max_length)
-    return _calls(torch_side["generate"], torch_side["encode"], torch_side["step"], images, batch64, start,
-                  as_input=torch_side["as_input"], context=torch_side["context"])
+    return _calls(torch_side["generate"], torch_side["encode"], lambda feeds: partial(torch_side["step"], feeds),
+                  images, batch64, start, as_input=torch_side["as_input"], context=torch_side["context"])
+
+
+def _runtime_step(captioner, feeds: dict) -> Callable:
+    """The step as the runtime's greedy loop runs it: prebound buffers on the CPU, IO binding on CUDA."""
+    if captioner.io_binding:
+        return partial(captioner._step_fn, feeds)
+    buffers = captioner.step_buffers(feeds["token"].shape[0])
+    buffers.load({name: value for name, value in feeds.items() if name != "token"})
+    buffers.tokens[:] = feeds["token"]
+    return buffers.run
 
 
 # ---- cold start: whole processes ----------------------------------------------------------------

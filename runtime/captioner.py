@@ -22,6 +22,9 @@ log = logging.getLogger("captool")
 # 35 vs 43 µs at 1 row.
 WIDE_BATCH = 32
 
+# Batch sizes whose bound step buffers are kept (a directory's last chunk is smaller than the rest).
+_KEPT_BUFFERS = 4
+
 # onnxruntime's type strings for the dtypes a bundle uses.
 _ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32",
                "tensor(float16)": "float16"}
@@ -72,7 +75,7 @@ class Captioner:
         self._wide_decoder = None  # made on the first wide batch (CPU only)
         self.io_binding = io_binding_wanted(self.device, io_binding)
         self._step_fn = BoundStep(self._decoder, self.device) if self.io_binding else self.step
-        self._buffers: Optional[StepBuffers] = None  # greedy's bound step on the CPU, for the last batch size
+        self._buffers: dict[int, StepBuffers] = {}  # greedy's bound step on the CPU, per batch size
 
     # --- checks made at load, each with its own message -------------------------------------
 
@@ -154,13 +157,14 @@ class Captioner:
 
     def step_buffers(self, batch: int) -> StepBuffers:
         """The CPU decoder step for `batch` rows with its inputs and outputs bound once (what greedy runs)."""
-        session = self._step_session(batch)
-        if self._buffers is None or self._buffers.batch != batch or self._buffers.session is not session:
+        if batch not in self._buffers:
+            if len(self._buffers) >= _KEPT_BUFFERS:
+                self._buffers.pop(next(iter(self._buffers)))  # the oldest batch size goes
             m = self.manifest
             shapes = {"h": (m.hidden_dim,), "c": (m.hidden_dim,), "features": (m.hidden_dim, 4, 4),
                       "logits": (len(self.vocab),), "attn_weights": (4, 4)}
-            self._buffers = StepBuffers(session, batch, shapes)
-        return self._buffers
+            self._buffers[batch] = StepBuffers(self._step_session(batch), batch, shapes)
+        return self._buffers[batch]
 
     # --- decoding ----------------------------------------------------------------------------
 

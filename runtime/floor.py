@@ -42,7 +42,7 @@ class GraphCost:
     """One graph's work at a batch size, from its ONNX form with shapes inferred."""
 
     macs: int
-    weight_bytes: int
+    weight_bytes: int  # weights read by one run: a lookup table counts the rows gathered, not all of it
     io_bytes: int  # graph inputs + outputs
     activation_bytes: int  # every node reading its inputs and writing its outputs (no fusion)
     uncounted: list[str]  # MAC ops whose shapes could not be inferred
@@ -90,7 +90,25 @@ def graph_cost(onnx_path: str | Path, batch: int) -> GraphCost:
             else:
                 macs += node_macs
     io = sum(nbytes(v.name) for v in list(model.graph.input) + list(model.graph.output))
-    return GraphCost(macs, sum(a.nbytes for a in weights.values()), io, traffic, uncounted)
+    return GraphCost(macs, _weight_bytes_read(model.graph, weights, nbytes), io, traffic, uncounted)
+
+
+def _weight_bytes_read(graph, weights: dict, nbytes: Callable[[str], int]) -> int:
+    """Bytes of weights one run reads: all of each initializer, except tables only looked up into
+    (Gather/GatherND data, as the decoder step's folded embedding), which cost the rows taken."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in weights:
+                readers.setdefault(name, []).append((node, i))
+    total = 0
+    for name, array in weights.items():
+        uses = readers.get(name, [])
+        if uses and all(node.op_type in ("Gather", "GatherND") and i == 0 for node, i in uses):
+            total += min(array.nbytes, sum(nbytes(node.output[0]) for node, _ in uses))
+        else:
+            total += array.nbytes
+    return total
 
 
 def _node_macs(node, shapes) -> Optional[int]:
