@@ -183,7 +183,8 @@ def train_command(
         "--one-caption-per-image",
         help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
     warmup_epochs: Annotated[int, typer.Option(
-        help="Epochs of word-detector warm-up of a trained backbone before captioning (for --backbone none).")] = 0,
+        help="Epochs of concept-detector warm-up (caption words and word pairs) of the backbone before "
+             "captioning; the backbone is then frozen unless --train-backbone.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,

@@ -97,6 +97,35 @@ def test_cli_resume_equals_straight_run(synth_dir, tmp_path):
         assert torch.equal(opt_a[name], opt_b[name]), name
 
 
+def test_warm_up_then_frozen_backbone(synth_dir, tmp_path):
+    """--backbone none --warmup-epochs N without --train-backbone: trained as a concept detector, then frozen."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    untrained = CaptioningRNN({"<NULL>": 0, "<START>": 1, "<END>": 2, "<UNK>": 3}, backbone_width=0.25,
+                              wordvec_dim=16, hidden_dim=16).feature_extractor.state_dict()
+    lines = []
+    result = train(tiny(synth_dir, run, warmup_epochs=2, seed=0), log=lines.append)
+    assert result.epochs == 2 and not any("--train-backbone;" in line for line in lines)
+    model = load_checkpoint(run)
+    warmed = model.feature_extractor.state_dict()
+    assert any(not torch.equal(untrained[k], warmed[k]) for k in untrained if k.endswith("weight"))
+    assert not model.backbone_trainable
+    # Captioning epochs ran on features computed once, after the warm-up, with the backbone frozen.
+    assert sorted(p.name.split("-")[0] for p in (run / "features").iterdir()) == ["train", "val"]
+    moments = [k for k in load_file(run / "optimizer.safetensors") if k.endswith(".exp_avg")]
+    head = [p for name, p in model.named_parameters() if not name.startswith("feature_extractor.")]
+    assert len(moments) == len(head)
+    state = json.loads((run / "train_state.json").read_text())
+    assert state["config"]["train_backbone"] is False and state["config"]["warmup_epochs"] == 2
+    # Resuming does not warm up again, and the cached features are those of the warmed backbone.
+    resumed = TrainingRun(tiny(synth_dir, run, warmup_epochs=2, seed=0, epochs=3), resume=True, log=lines.append)
+    assert resumed.features["train"] is not None
+    before = {k: v.clone() for k, v in resumed.model.feature_extractor.state_dict().items()}
+    resumed.fit()
+    after = load_checkpoint(run).feature_extractor.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resume_refuses_other_settings_and_new_run_refuses_old_dir(synth_dir, backbone_file, tmp_path):
     run = tmp_path / "run"
     config = tiny(synth_dir, run, epochs=1, backbone=str(backbone_file))

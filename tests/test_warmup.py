@@ -1,11 +1,11 @@
-"""The word-detector warm-up and per-epoch caption sampling of the training loop."""
+"""The concept-detector warm-up and per-epoch caption sampling of the training loop."""
 
 import torch
 
 from captool.training.data import CaptionSplit
 from captool.training.model import CaptioningRNN
 from captool.training.train import epoch_rows
-from captool.training.warmup import word_targets, warm_up_backbone
+from captool.training.warmup import concept_targets, pair_targets, word_targets, warm_up_backbone
 from captool.vocab import Vocab
 
 VOCAB = Vocab(["<NULL>", "<START>", "<END>", "<UNK>", "red", "blue", "circle", "square"])
@@ -26,6 +26,21 @@ def test_word_targets_are_the_union_of_each_images_caption_words():
     assert targets[0].nonzero().flatten().tolist() == [ids["red"], ids["circle"]]
     assert targets[1].nonzero().flatten().tolist() == [ids["blue"], ids["square"]]
     assert targets[:, :4].sum() == 0  # specials (and <UNK> for "a", not in VOCAB) are no concepts
+
+
+def test_pair_targets_bind_colour_to_shape():
+    # Image 0 has a red circle and a blue square; image 1 a blue circle and a red square: the same words.
+    split = split_of(["red circle blue square", "blue square red circle", "blue circle red square"], [0, 0, 1], 2)
+    words = word_targets(split, len(VOCAB))
+    assert torch.equal(words[0], words[1])
+    pairs = pair_targets(split, len(VOCAB), min_images=1)
+    assert pairs.shape == (2, 7)  # image 0: red circle, circle blue, blue square, square red; image 1: three more
+    assert not torch.equal(pairs[0], pairs[1])
+    assert pairs.sum(dim=1).tolist() == [4, 3] and (pairs[0] * pairs[1]).sum() == 0
+    assert pair_targets(split, len(VOCAB), min_images=2).shape == (2, 0)  # no pair in two images
+    assert pair_targets(split, len(VOCAB), max_pairs=2, min_images=1).shape == (2, 2)
+    both = concept_targets(split, len(VOCAB))
+    assert both.shape[1] == len(VOCAB) + pair_targets(split, len(VOCAB)).shape[1]
 
 
 def test_warm_up_trains_the_backbone_and_leaves_the_rest_alone():

@@ -62,7 +62,8 @@ class TrainConfig:
     # Each epoch, one caption per image drawn at random: an epoch then costs one backbone pass per
     # image rather than per caption (5x fewer with COCO-style data) when the backbone is trained.
     one_caption_per_image: bool = False
-    # Epochs of word-detector warm-up for a trained backbone before captioning (training/warmup.py).
+    # Epochs of concept-detector warm-up of the backbone before captioning (training/warmup.py); the
+    # backbone is frozen afterwards unless train_backbone.
     warmup_epochs: int = 0
 
     def __post_init__(self):
@@ -144,9 +145,9 @@ class TrainingRun:
     """One training run in memory: the data, the model, Adam, and the frozen features if cached."""
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, log: Log = log_stderr):
-        if config.backbone.lower() == "none" and not config.train_backbone:
+        if config.backbone.lower() == "none" and not config.train_backbone and not config.warmup_epochs:
             log("--backbone none: a frozen random MobileNetV2 gives near-constant features, so it is trained too "
-                "(--train-backbone)")
+                "(--train-backbone; or --warmup-epochs N to train it as a concept detector, then freeze it)")
             config = replace(config, train_backbone=True)
         self.config, self.log, self.run_dir = config, log, Path(config.out)
         self.device = resolve_device(config.device)
@@ -174,10 +175,13 @@ class TrainingRun:
         if state:
             self._restore(state)
         self.features: dict[str, Optional[torch.Tensor]] = {"train": None, "val": None}
-        if not config.train_backbone:
+        if not config.train_backbone and not self._warmup_pending():
             self._cache_features()
 
     # -- setup ------------------------------------------------------------------------------------
+
+    def _warmup_pending(self) -> bool:
+        return bool(self.config.warmup_epochs) and self.epoch == 0 and not self.history
 
     def _check_new_run(self) -> None:
         for name in ("train_state.json", "model.json"):
@@ -259,9 +263,13 @@ class TrainingRun:
         c, progress = self.config, Progress()
         if self.epoch >= c.epochs:
             self.log(f"{self.run_dir} has trained {self.epoch} epochs already (--epochs {c.epochs}): nothing to do")
-        if self.epoch == 0 and c.warmup_epochs and not self.history:
+        if self._warmup_pending():
+            self.model.set_backbone_trainable(True)
             warm_up_backbone(self.model, self.train_split, epochs=c.warmup_epochs, batch_size=c.batch_size,
                              lr=c.lr, seed=c.seed, device=self.device, log=progress.epoch)
+            if not c.train_backbone:  # a concept detector now: frozen, its features computed once
+                self.model.set_backbone_trainable(False)
+                self._cache_features()
         while self.epoch < c.epochs:
             lr = c.lr * c.lr_decay ** self.epoch
             for group in self.optimizer.param_groups:

@@ -7,6 +7,10 @@ colour and shape wrong, after 50,000 samples). Before the captioning epochs, the
 to predict which words an image's captions use (multi-label, a linear head on the pooled features,
 binary cross-entropy), in the spirit of visual-concept detectors. The head is thrown away; the
 captioner keeps the seed's architecture exactly.
+
+Concepts are the caption words and their frequent adjacent pairs ("red circle", "blue square"):
+words alone say which colours and which shapes a scene holds, not which shape has which colour, and
+that binding is what a caption must get right.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import Tensor, nn
 from .data import CaptionSplit
 
 N_SPECIALS = 4  # <NULL> <START> <END> <UNK> are no concepts
+MAX_PAIRS = 1000  # the most frequent word pairs that become concepts
+MIN_PAIR_IMAGES = 20  # a pair seen in fewer images is too rare to learn a detector for
 
 
 def word_targets(split: CaptionSplit, vocab_size: int) -> Tensor:
@@ -30,6 +36,33 @@ def word_targets(split: CaptionSplit, vocab_size: int) -> Tensor:
     targets.index_put_((rows, split.captions.reshape(-1)), torch.ones(rows.shape[0]))
     targets[:, :N_SPECIALS] = 0.0
     return targets
+
+
+def pair_targets(split: CaptionSplit, vocab_size: int, max_pairs: int = MAX_PAIRS,
+                 min_images: int = MIN_PAIR_IMAGES) -> Tensor:
+    """Multi-hot (M, P) float: which of the P most frequent adjacent word pairs each image's captions use.
+
+    Pairs with a special token are left out; P is at most `max_pairs`, pairs in fewer than
+    `min_images` images are dropped (P may be 0).
+    """
+    first, second = split.captions[:, :-1], split.captions[:, 1:]  # (K, 16) each
+    keep = (first >= N_SPECIALS) & (second >= N_SPECIALS)
+    codes = first * vocab_size + second  # (K, 16): one int per ordered pair
+    rows = split.image_idx[:, None].expand_as(codes)[keep]
+    codes = codes[keep]
+    pairs, column = torch.unique(codes, return_inverse=True)  # (U,), (n,)
+    m = split.images.shape[0]
+    seen = torch.zeros(m, len(pairs))
+    seen.index_put_((rows, column), torch.ones(len(rows)))
+    counts = seen.sum(dim=0)  # images per pair
+    order = torch.argsort(counts, descending=True, stable=True)[:max_pairs]
+    order = order[counts[order] >= min_images]
+    return seen[:, order]
+
+
+def concept_targets(split: CaptionSplit, vocab_size: int) -> Tensor:
+    """(M, V + P) float: word targets then pair targets, what the warm-up's detector predicts."""
+    return torch.cat([word_targets(split, vocab_size), pair_targets(split, vocab_size)], dim=1)
 
 
 def warm_up_backbone(
@@ -43,11 +76,10 @@ def warm_up_backbone(
     device: torch.device,
     log: Callable[[str], None],
 ) -> list[float]:
-    """Train `model.feature_extractor` (and a throw-away head) as a word detector; per-epoch losses."""
-    vocab_size = model.config.vocab_size
-    targets = word_targets(split, vocab_size)
+    """Train `model.feature_extractor` (and a throw-away head) as a concept detector; per-epoch losses."""
+    targets = concept_targets(split, model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed * 7_919 + 1)
-    head = nn.Linear(model.config.input_dim, vocab_size, device=device)
+    head = nn.Linear(model.config.input_dim, targets.shape[1], device=device)
     with torch.no_grad():  # initialized from the run's seed, leaving the global RNG untouched
         bound = 1.0 / math.sqrt(model.config.input_dim)
         head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
