@@ -229,7 +229,7 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
     rt_calls = _side_calls(runtime, pixels, batch64, runtime.max_length)
     pt_calls = _side_calls(pytorch, pixels, batch64, runtime.max_length) if pytorch else {}
     times = interleaved({k: (rt_calls[k], pt_calls.get(k)) for k in rt_calls}, counts,
-                        settle=("encoder_b1", "step_b1", "step_b64"))
+                        settle=("caption_b1", "caption_b8", "encoder_b1", "step_b1", "step_b64"))
 
     sides = ("runtime", "pytorch") if pytorch else ("runtime",)
     values: dict[str, dict[str, float]] = {}
