@@ -1,1 +1,1 @@
-"""Bundles shipped with captool: `shapes-rnn`, the default of `captool run` (see models/README.md)."""
+"""Bundles shipped with captool: `shapes-attention`, the default of `captool run` (see models/README.md)."""

@@ -25,7 +25,7 @@ from .bundle import MANIFEST
 from .errors import BundleError, ImageError
 from .preprocess import IMAGE_EXTENSIONS, preprocess
 
-DEFAULT_BUNDLE = "shapes-rnn"
+DEFAULT_BUNDLE = "shapes-attention"
 PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
 _GLOB_CHARS = set("*?[")
 
@@ -34,9 +34,9 @@ def default_bundle() -> Path:
     """The bundle `captool run` uses without --model, looked for in this order:
 
     1. $CAPTOOL_MODEL, if set (a bundle directory);
-    2. the package data of an installed captool: <site-packages>/captool/models/shapes-rnn;
+    2. the package data of an installed captool: <site-packages>/captool/models/shapes-attention;
     3. the `captool.models` package wherever it maps to (an editable install maps it to models/);
-    4. a source checkout: <repo>/models/shapes-rnn beside runtime/.
+    4. a source checkout: <repo>/models/shapes-attention beside runtime/.
     """
     env = os.environ.get("CAPTOOL_MODEL")
     if env:

@@ -15,7 +15,7 @@ import pytest
 from captool import Captioner
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "shapes-rnn"
+SHIPPED = REPO / "models" / "shapes-attention"
 
 
 def two_commands() -> list[str]:

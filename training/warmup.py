@@ -1,4 +1,4 @@
-"""Word-detector warm-up: teach a randomly initialized backbone what the captions talk about.
+"""Concept-detector warm-up: teach a randomly initialized backbone what the captions talk about.
 
 Trained from scratch, the captioner finds a language model first: the pooled features of a random
 MobileNetV2 hardly differ between images, so the RNN learns to ignore h0 and the backbone gets no
@@ -6,7 +6,8 @@ useful signal back (measured here on `captool synth` scenes: loss stuck at ~9.5 
 colour and shape wrong, after 50,000 samples). Before the captioning epochs, the backbone is trained
 to predict which words an image's captions use (multi-label, a linear head on the pooled features,
 binary cross-entropy), in the spirit of visual-concept detectors. The head is thrown away; the
-captioner keeps the seed's architecture exactly.
+captioner keeps the seed's architecture exactly. Without `--train-backbone` the warmed backbone is
+then frozen and its features are computed once, so captioning epochs cost only the decoder.
 
 Concepts are the caption words and their frequent adjacent pairs ("red circle", "blue square"):
 words alone say which colours and which shapes a scene holds, not which shape has which colour, and
@@ -103,6 +104,6 @@ def warm_up_backbone(
             optimizer.step()
             total += loss.item() * len(idx)
         losses.append(total / n)
-        log(f"warm-up {epoch + 1}/{epochs}  word-detector loss {losses[-1]:.4f}  "
+        log(f"warm-up {epoch + 1}/{epochs}  concept-detector loss {losses[-1]:.4f}  "
             f"{n / max(time.perf_counter() - started, 1e-9):.0f} images/s")
     return losses
