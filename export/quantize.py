@@ -4,6 +4,9 @@
   after `quant_pre_process` (symbolic shape inference, onnxruntime's basic optimizations, ONNX shape
   inference) as onnxruntime's docs recommend. uint8 activations, int8 weights per output channel:
   the U8S8 pair is MLAS's fast path on x86, and per-channel weights cost nothing in speed here.
+  The first convolution stays float: with 3 input channels it gains nothing from int8 and it
+  quantizes the image itself (measured on the shipped model: 1.59× fp32 at batch 1 with it in
+  float, 1.53× with it in int8; max h0 error 0.18 vs 0.40).
 - int8 decoder step: dynamic quantization (`quantize_dynamic`): int8 weights for every MatMul, the
   activation's range found per call (DynamicQuantizeLinear + MatMulInteger). The output projection
   is traced as a Gemm, which quantize_dynamic leaves alone, so it is rewritten as MatMul + Add first.
@@ -78,16 +81,22 @@ def quantize_encoder(src: Path, dst: Path, calibration: ImageSet, work: Path) ->
 
     pre = work / "encoder.pre.onnx"
     _pre_process(src, pre)
+    float_nodes = first_conv(onnx.load(str(pre)).graph)
     try:
         with _quiet():
             quantize_static(str(pre), str(dst), ImageReader(calibration.images), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=INT8_ENCODER["per_channel"],
+                            per_channel=INT8_ENCODER["per_channel"], nodes_to_exclude=float_nodes,
                             calibrate_method=getattr(CalibrationMethod, INT8_ENCODER["calibrate_method"]))
     except Exception as e:
         raise ExportError(f"{src.name}: static quantization failed: {e}") from None
     _finish(dst)
-    return {**INT8_ENCODER, "calibration": calibration.describe()}
+    return {**INT8_ENCODER, "float_nodes": float_nodes, "calibration": calibration.describe()}
+
+
+def first_conv(graph: onnx.GraphProto) -> list[str]:
+    """The name of the graph's first Conv (the one that reads the image), as a list; [] if none."""
+    return next(([n.name] for n in graph.node if n.op_type == "Conv"), [])
 
 
 def gemm_to_matmul(graph: onnx.GraphProto) -> int:

@@ -131,11 +131,13 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     """SessionOptions for the encoder or the decoder step (docs/runtime.md has the measurements).
 
     Both graphs are chains of ops: sequential execution, one inter-op thread. The encoder
-    (MobileNetV2) gets `threads` intra-op threads (default: onnxruntime's, one per physical core).
-    The decoder step ("decoder_step") is three small matmuls: below 32 rows a thread pool gains
-    nothing, so it runs on the calling thread alone, leaving the other cores to the encoder and the
-    image loader; "decoder_step_wide", the same graph for wide batches, gets `threads` like the
-    encoder. Idle pool threads do not spin: spinning burnt the cores the loader needs.
+    (MobileNetV2) gets `threads` intra-op threads (default: onnxruntime's, one per physical core),
+    and they spin between ops: waking a sleeping pool thread for each of its ~100 nodes cost more
+    than the convolutions at batch 1 (0.94 vs 0.56 ms on 2 cores); CAPTOOL_ENCODER_SPIN=0 turns it
+    off on a machine whose cores are busy with other work. The decoder step ("decoder_step") is three
+    small matmuls: below 32 rows a thread pool gains nothing, so it runs on the calling thread
+    alone; "decoder_step_wide", the same graph for wide batches, gets `threads` like the encoder,
+    without spinning.
     """
     import onnxruntime as ort
 
@@ -148,8 +150,14 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
         opts.intra_op_num_threads = 1
     elif threads:  # the encoder, and the decoder step's session for wide batches (Captioner.step)
         opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    spin = graph == "encoder" and encoder_spin_wanted()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
+
+
+def encoder_spin_wanted() -> bool:
+    """The encoder's pool threads spin unless CAPTOOL_ENCODER_SPIN is 0/false/no/off."""
+    return os.environ.get("CAPTOOL_ENCODER_SPIN", "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def create_session(path, graph: str, placement: Placement, threads: Optional[int] = None, verbose: bool = False):

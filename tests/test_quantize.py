@@ -189,13 +189,17 @@ def test_int8_graphs_are_quantized(lowered):
     ops = {n.op_type for n in encoder.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     int8_weights = [i for i in encoder.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
-    assert len(int8_weights) == sum(n.op_type == "Conv" for n in encoder.graph.node)  # every conv's weights
+    convs = [n for n in encoder.graph.node if n.op_type == "Conv"]
+    assert len(int8_weights) == len(convs) - 1  # every conv's weights but the first's, which reads the image
+    floats = {i.name for i in encoder.graph.initializer if i.data_type == TensorProto.FLOAT}
+    assert convs[0].input[1] in floats
     assert any(len(i.dims) == 1 and i.dims[0] > 1 for i in encoder.graph.initializer
                if i.name.endswith("weight_scale"))  # per output channel
     step = _ops(bundle / DECODER_STEP)
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= step and not {"MatMul", "Gemm"} & step
     quant = load_manifest(bundle).raw["quantization"]
     assert quant["encoder"]["format"] == "QDQ" and quant["encoder"]["calibration"]["images"] == N_IMAGES
+    assert len(quant["encoder"]["float_nodes"]) == 1
     assert quant["decoder_step"]["method"] == "dynamic"
 
 

@@ -299,6 +299,15 @@ def test_decoder_step_session_options():
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_encoder_threads_spin_unless_turned_off(monkeypatch):
+    spinning = "session.intra_op.allow_spinning"
+    monkeypatch.delenv("CAPTOOL_ENCODER_SPIN", raising=False)
+    assert sessions.session_options("encoder", None).get_session_config_entry(spinning) == "1"
+    assert sessions.session_options("decoder_step_wide", 2).get_session_config_entry(spinning) == "0"
+    monkeypatch.setenv("CAPTOOL_ENCODER_SPIN", "0")
+    assert sessions.session_options("encoder", None).get_session_config_entry(spinning) == "0"
+
+
 def test_wide_batches_step_on_a_multithreaded_session_with_the_same_results(tiny_bundle):
     """From WIDE_BATCH rows the step runs on a second, multi-threaded session: same outputs."""
     from captool.captioner import WIDE_BATCH
