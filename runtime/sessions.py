@@ -132,9 +132,12 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
 
     Both graphs are chains of ops: sequential execution, one inter-op thread. The encoder
     (MobileNetV2) gets `threads` intra-op threads (default: onnxruntime's, one per physical core),
-    and they spin between ops: waking a sleeping pool thread for each of its ~100 nodes cost more
-    than the convolutions at batch 1 (0.94 vs 0.56 ms on 2 cores); CAPTOOL_ENCODER_SPIN=0 turns it
-    off on a machine whose cores are busy with other work. The decoder step ("decoder_step") is three
+    and they spin between its ops but stop when a run ends: waking a sleeping pool thread for each
+    of ~100 nodes cost more than the convolutions at batch 1 (2 cores: 0.94 ms without spinning,
+    0.76 ms spinning within a run, 0.55 ms spinning on after it, which burns a core while idle and
+    halved the speed of anything else running, PyTorch in `captool bench` included).
+    CAPTOOL_ENCODER_SPIN=0 turns spinning off, for a machine whose cores are busy with other work.
+    The decoder step ("decoder_step") is three
     small matmuls: below 32 rows a thread pool gains nothing, so it runs on the calling thread
     alone; "decoder_step_wide", the same graph for wide batches, gets `threads` like the encoder,
     without spinning.
@@ -152,6 +155,8 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
         opts.intra_op_num_threads = threads
     spin = graph == "encoder" and encoder_spin_wanted()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 

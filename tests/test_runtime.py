@@ -302,7 +302,9 @@ def test_decoder_step_session_options():
 def test_encoder_threads_spin_unless_turned_off(monkeypatch):
     spinning = "session.intra_op.allow_spinning"
     monkeypatch.delenv("CAPTOOL_ENCODER_SPIN", raising=False)
-    assert sessions.session_options("encoder", None).get_session_config_entry(spinning) == "1"
+    encoder = sessions.session_options("encoder", None)
+    assert encoder.get_session_config_entry(spinning) == "1"
+    assert encoder.get_session_config_entry("session.force_spinning_stop") == "1"  # not after a run
     assert sessions.session_options("decoder_step_wide", 2).get_session_config_entry(spinning) == "0"
     monkeypatch.setenv("CAPTOOL_ENCODER_SPIN", "0")
     assert sessions.session_options("encoder", None).get_session_config_entry(spinning) == "0"
