@@ -137,10 +137,9 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     0.76 ms spinning within a run, 0.55 ms spinning on after it, which burns a core while idle and
     halved the speed of anything else running, PyTorch in `captool bench` included).
     CAPTOOL_ENCODER_SPIN=0 turns spinning off, for a machine whose cores are busy with other work.
-    The decoder step ("decoder_step") is three
-    small matmuls: below 32 rows a thread pool gains nothing, so it runs on the calling thread
-    alone; "decoder_step_wide", the same graph for wide batches, gets `threads` like the encoder,
-    without spinning.
+    The decoder step ("decoder_step") is a few small matmuls: below 32 rows a thread pool gains
+    nothing, so it runs on the calling thread alone; "decoder_step_wide", the same graph for wide
+    batches, gets `threads` like the encoder, without spinning.
     """
     import onnxruntime as ort
 
@@ -160,9 +159,19 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     return opts
 
 
+def _env_flag(name: str) -> Optional[bool]:
+    """An on/off environment switch: 1/true/yes/on or 0/false/no/off; None when unset or other."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def encoder_spin_wanted() -> bool:
-    """The encoder's pool threads spin unless CAPTOOL_ENCODER_SPIN is 0/false/no/off."""
-    return os.environ.get("CAPTOOL_ENCODER_SPIN", "").strip().lower() not in ("0", "false", "no", "off")
+    """The encoder's pool threads spin unless CAPTOOL_ENCODER_SPIN turns it off."""
+    return _env_flag("CAPTOOL_ENCODER_SPIN") is not False
 
 
 def create_session(path, graph: str, placement: Placement, threads: Optional[int] = None, verbose: bool = False):
@@ -197,12 +206,8 @@ def io_binding_wanted(device: str, override: Optional[bool] = None) -> bool:
     """IO binding on CUDA by default; CAPTOOL_IO_BINDING=1/0 (or `override`) forces it on or off."""
     if override is not None:
         return override
-    env = os.environ.get("CAPTOOL_IO_BINDING", "").strip().lower()
-    if env in ("1", "true", "yes", "on"):
-        return True
-    if env in ("0", "false", "no", "off"):
-        return False
-    return device == "cuda"
+    env = _env_flag("CAPTOOL_IO_BINDING")
+    return device == "cuda" if env is None else env
 
 
 class BoundStep:
