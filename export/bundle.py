@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import captool
-from captool.bundle import DECODER_STEP, ENCODER, FORMAT, MANIFEST, SCHEMA_VERSION, sha256_file
+from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256_file
 from captool.preprocess import RESIZE_POLICY
 
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
                           load_images, recorded_training_data)
-from .graphs import DEFAULT_OPSET, check_graph, export_decoder_step, export_encoder, io_specs
+from .graphs import (DEFAULT_OPSET, check_graph, export_attention_cache, export_cached_step, export_decoder_step,
+                     export_encoder, io_specs)
 from .quantize import convert_fp16, quantize_decoder_step, quantize_encoder
 from .validate import BATCH_SIZES, ExportError, ParityReport, image_files, load_model, verify_bundle
 
 PRECISIONS = ("fp32", "fp16", "int8")
+
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
@@ -75,7 +77,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         specs = io_specs(model.config)
         seconds: dict[str, float] = {}
         graphs: dict[str, dict] = {}
-        for graph, name, export in (("encoder", ENCODER, export_encoder), ("decoder_step", DECODER_STEP, export_decoder_step)):
+        for graph in specs:
+            name, export = GRAPH_FILES[graph], _tracer(graph)
             start = time.perf_counter()
             export(model, tmp / name, opset=opset)
             seconds[graph] = round(time.perf_counter() - start, 3)
@@ -117,6 +120,12 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
     return report
 
 
+def _tracer(graph: str):
+    """What traces each graph (io_specs says which graphs a model's bundle has); looked up when called."""
+    return {"encoder": export_encoder, "decoder_step": export_decoder_step,
+            "attention_cache": export_attention_cache, "decoder_step_cached": export_cached_step}[graph]
+
+
 def real_images(checkpoint, size: int, precision: str, images, calibration, n_calibration: int,
                 n_validation: int) -> tuple[ImageSet | None, ImageSet]:
     """The calibration images (int8) and the validation images (fp16, int8) of a quantized export."""
@@ -141,14 +150,15 @@ def lower_precision(tmp: Path, precision: str, specs: dict, graphs: dict, calibr
     work = tmp / ".work"
     work.mkdir()
     made: dict[str, dict] = {}
-    for graph, name in (("encoder", ENCODER), ("decoder_step", DECODER_STEP)):
+    for graph in specs:
+        name = GRAPH_FILES[graph]
         fp32 = work / f"{graph}.fp32.onnx"
         os.replace(tmp / name, fp32)
         if precision == "fp16":
             made[graph] = convert_fp16(fp32, tmp / name)
         elif graph == "encoder":
             made[graph] = quantize_encoder(fp32, tmp / name, calibration, work)
-        else:
+        else:  # the steps and the attention cache: matmuls with constant weights
             made[graph] = quantize_decoder_step(fp32, tmp / name, work)
         info = check_graph(tmp / name, graph, specs[graph], precision=precision)
         graphs[graph] = {**specs[graph], "nodes": info.nodes, "op_types": info.op_types}
@@ -158,7 +168,7 @@ def lower_precision(tmp: Path, precision: str, specs: dict, graphs: dict, calibr
 
 def fp32_summary(report: ParityReport) -> dict:
     """The fp32 graphs' proof, in short: the quantized bundle was made from graphs equal to PyTorch."""
-    return {"ok": report.ok, "atol": report.atol,
+    return {"ok": report.ok, "atol": report.atol, "rtol": report.rtol,
             "max_abs": {f"{d.graph}.{d.output}": d.max_abs for d, _ in report.worst()},
             "batch_sizes": [b.batch_size for b in report.batches],
             "equal": sum(b.equal for b in report.batches), "images": sum(b.batch_size for b in report.batches)}
@@ -213,7 +223,7 @@ def build_manifest(model, root: Path, graphs: dict, *, opset: int, precision: st
     cfg = model.config
     fe = model.feature_extractor
     files = {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
-             for name in (ENCODER, DECODER_STEP)}
+             for name in (GRAPH_FILES[graph] for graph in graphs)}
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,

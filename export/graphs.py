@@ -1,4 +1,5 @@
-"""Tracing the model's two graphs to ONNX (encoder.onnx, decoder_step.onnx) and the checks each must pass.
+"""Tracing the model's graphs to ONNX (encoder.onnx, decoder_step.onnx, and for attention models the
+attention cache's attention_cache.onnx and decoder_step_cached.onnx) and the checks each must pass.
 
 One plain function per graph: a thin wrapper module fixes the input/output names and their order
 from `captool.bundle.graph_signature`, and torch.onnx's dynamo exporter traces it at a batch of 2
@@ -18,7 +19,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from captool.bundle import graph_signature
+from captool.bundle import cache_signature, graph_signature
 
 from .fold import fold_input_projection
 from .validate import ExportError
@@ -86,6 +87,33 @@ class DecoderStepGraph(nn.Module):
         return tuple(out[name] for name in self.outputs)
 
 
+class AttentionCacheGraph(nn.Module):
+    """attention_cache.onnx: features (N, H, 4, 4) -> attention_keys (N, H, 16), attention_values (N, 16, 4H)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.cell = model.cell
+        self._cache = model.attention_cache
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        out = self._cache(features)
+        return out["attention_keys"], out["attention_values"]
+
+
+class CachedStepGraph(nn.Module):
+    """decoder_step_cached.onnx: token, h, c, attention_keys, attention_values -> decoder_step's outputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.word_embedding, self.cell, self.out_projector = model.word_embedding, model.cell, model.out_projector
+        self._step = model.step_cached
+        self.outputs = cache_signature()["decoder_step_cached"]["outputs"]
+
+    def forward(self, token: Tensor, h: Tensor, c: Tensor, attention_keys: Tensor, attention_values: Tensor):
+        out = self._step(token, h, c, attention_keys, attention_values)
+        return tuple(out[name] for name in self.outputs)
+
+
 def example_images(model: nn.Module, batch: int = TRACE_BATCH) -> Tensor:
     """A fixed uint8 batch (N, 3, S, S) to trace with; the values do not shape the graph."""
     g = torch.Generator().manual_seed(0)
@@ -114,6 +142,29 @@ def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OP
     args = tuple(by_input[name].clone() for name in names["inputs"])
     _export(DecoderStepGraph(model), args, names["inputs"], names["outputs"], path, opset,
             rewrite=fold_input_projection if fold else None)
+
+
+def export_attention_cache(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
+    """Trace `model.attention_cache` (attention models) into `path`."""
+    names = cache_signature()["attention_cache"]
+    with torch.no_grad():
+        features = model.encode(example_images(model, batch))["features"]
+    _export(AttentionCacheGraph(model), (features,), names["inputs"], names["outputs"], path, opset)
+
+
+def export_cached_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
+    """Trace one `model.step_cached` (attention models) into `path`, the input projection folded as in
+    `export_decoder_step`."""
+    names = cache_signature()["decoder_step_cached"]
+    with torch.no_grad():
+        state = model.encode(example_images(model, batch))
+        state.update(model.attention_cache(state["features"]))
+    token = torch.arange(batch, dtype=torch.int64) % model.config.vocab_size  # (N,)
+    by_input = {"token": token, "h": state["h0"], "c": state["c0"],
+                "attention_keys": state["attention_keys"], "attention_values": state["attention_values"]}
+    args = tuple(by_input[name].clone() for name in names["inputs"])
+    _export(CachedStepGraph(model), args, names["inputs"], names["outputs"], path, opset,
+            rewrite=fold_input_projection)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path, opset: int,
@@ -164,7 +215,8 @@ def name_batch_axis(model: onnx.ModelProto) -> None:
 
 
 def io_specs(config) -> dict[str, dict[str, list[dict]]]:
-    """Names, dtypes and shapes of both graphs' inputs and outputs for a ModelConfig ("N" = batch)."""
+    """Names, dtypes and shapes of every graph's inputs and outputs for a ModelConfig ("N" = batch):
+    encoder and decoder_step, plus the attention cache's two graphs for attention models."""
     H, V, S = config.hidden_dim, config.vocab_size, config.image_size
     shapes = {
         "image": ("uint8", [BATCH, 3, S, S]), "token": ("int64", [BATCH]),
@@ -172,9 +224,13 @@ def io_specs(config) -> dict[str, dict[str, list[dict]]]:
         "h": ("float32", [BATCH, H]), "c": ("float32", [BATCH, H]),
         "logits": ("float32", [BATCH, V]), "h_next": ("float32", [BATCH, H]), "c_next": ("float32", [BATCH, H]),
         "attn_weights": ("float32", [BATCH, 4, 4]),
+        "attention_keys": ("float32", [BATCH, H, 16]), "attention_values": ("float32", [BATCH, 16, 4 * H]),
     }
+    signature = graph_signature(config.cell_type)
+    if config.cell_type == "attention":
+        signature.update(cache_signature())
     spec = {}
-    for graph, io_names in graph_signature(config.cell_type).items():
+    for graph, io_names in signature.items():
         spec[graph] = {
             side: [{"name": n, "dtype": shapes[n][0], "shape": shapes[n][1]} for n in names]
             for side, names in io_names.items()

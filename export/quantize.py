@@ -135,14 +135,14 @@ def gemm_to_matmul(graph: onnx.GraphProto) -> int:
 
 
 def quantize_decoder_step(src: Path, dst: Path, work: Path) -> dict:
-    """decoder_step.onnx (fp32) -> dynamically quantized int8 weights at `dst`."""
+    """A decoder step (or the attention cache), fp32 -> dynamically quantized int8 weights at `dst`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    pre = work / "decoder_step.pre.onnx"
+    pre = work / f"{src.stem}.pre.onnx"
     _pre_process(src, pre)
     model = onnx.load(str(pre))
     gemms = gemm_to_matmul(model.graph)  # after pre-processing: its optimizer fuses MatMul + Add into Gemm
-    matmul = work / "decoder_step.matmul.onnx"
+    matmul = work / f"{src.stem}.matmul.onnx"
     onnx.save_model(model, str(matmul))
     try:
         with _quiet():

@@ -254,6 +254,7 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
     report: dict = {"bundle": str(bundle), "checkpoint": str(checkpoint) if checkpoint else None,
                     "cell_type": runtime.model.manifest.cell_type,
                     "precision": runtime.model.manifest.precision,
+                    "step_graph": runtime.model.step_graph,
                     "settings": {"images": len(pixels), "repeats": counts, "cold_repeats": cold_repeats if cold else 0,
                                  "threads": threads}}
     if pytorch is not None:
@@ -310,12 +311,13 @@ def _machine(runtime: Sampler, pytorch: Optional[Sampler], rates: dict) -> dict:
 
 def _floor(runtime: Sampler, measured: dict, machine: dict) -> dict:
     """Encoder and decoder step against the compute floor (FLOPs) and memory floor (weights + I/O bytes)."""
-    root = runtime.model.manifest.root
+    captioner = runtime.model
+    step = captioner.step_path  # the step greedy runs: decoder_step_cached.onnx where the bundle has it
     out = {}
-    for name, graph, batch in (("encoder_b1", "encoder.onnx", 1), ("step_b1", "decoder_step.onnx", 1),
-                               ("step_b64", "decoder_step.onnx", 64)):
+    for name, path, batch in (("encoder_b1", captioner.manifest.encoder_path, 1), ("step_b1", step, 1),
+                              ("step_b64", step, 64)):
         try:
-            cost = graph_cost(root / graph, batch)
+            cost = graph_cost(path, batch)
         except ImportError:
             return {"skipped": "the floor reads the ONNX graphs with the onnx package: pip install onnx"}
         compute = cost.flops / machine["matmul_flops"]
@@ -350,7 +352,8 @@ def _fmt(value: Optional[float]) -> str:
 def table(report: dict) -> str:
     """The report as text: figures side by side, then the floor."""
     m = report["machine"]
-    lines = [f"bundle {report['bundle']} ({report['cell_type']}, {report['precision']})"
+    lines = [f"bundle {report['bundle']} ({report['cell_type']}, {report['precision']}, "
+             f"{report.get('step_graph', 'decoder_step')})"
              + (f" vs checkpoint {report['checkpoint']}" if report["checkpoint"] else ""),
              f"machine: {m['cpu']}, {m['cores']} cores; matmul {m['matmul_flops'] / 1e9:.1f} GFLOP/s, "
              f"copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s; onnxruntime {m['onnxruntime']}"

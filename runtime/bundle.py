@@ -19,6 +19,9 @@ FORMAT = "captool-bundle"
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
 DECODER_STEP = "decoder_step.onnx"
+# Optional, attention bundles only: the attention cache (docs/bundle-format.md, "Attention cache").
+ATTENTION_CACHE = "attention_cache.onnx"
+DECODER_STEP_CACHED = "decoder_step_cached.onnx"
 CELL_TYPES = ("rnn", "lstm", "attention")
 
 
@@ -41,9 +44,25 @@ def graph_signature(cell_type: str) -> dict[str, dict[str, list[str]]]:
     }
 
 
+def cache_signature() -> dict[str, dict[str, list[str]]]:
+    """The attention cache's two graphs: features -> keys and values once per image, and the step on them."""
+    return {
+        "attention_cache": {"inputs": ["features"], "outputs": ["attention_keys", "attention_values"]},
+        "decoder_step_cached": {"inputs": ["token", "h", "c", "attention_keys", "attention_values"],
+                                "outputs": ["logits", "h_next", "c_next", "attn_weights"]},
+    }
+
+
+GRAPH_FILES = {"encoder": ENCODER, "decoder_step": DECODER_STEP,
+               "attention_cache": ATTENTION_CACHE, "decoder_step_cached": DECODER_STEP_CACHED}
+
+
 # How the decoder step's outputs feed its next call, and how the encoder's outputs seed the first.
-STATE_FROM_ENCODER = {"h0": "h", "c0": "c", "features": "features"}
+STATE_FROM_ENCODER = {"h0": "h", "c0": "c", "features": "features",
+                      "attention_keys": "attention_keys", "attention_values": "attention_values"}
 STATE_FROM_STEP = {"h_next": "h", "c_next": "c"}
+# State that is the same at every step of an image: beam search does not reorder it.
+IMAGE_STATE = frozenset({"features", "attention_keys", "attention_values"})
 
 
 def sha256_file(path: Path) -> str:
@@ -75,6 +94,12 @@ class Manifest:
     @property
     def decoder_step_path(self) -> Path:
         return self.root / DECODER_STEP
+
+    @property
+    def has_attention_cache(self) -> bool:
+        """The bundle carries attention_cache.onnx and decoder_step_cached.onnx (attention bundles since captool 0.1)."""
+        files = self.raw.get("files", {})
+        return ATTENTION_CACHE in files and DECODER_STEP_CACHED in files
 
 
 def _require(d: dict, key: str, where: str, path: Path):
@@ -116,6 +141,12 @@ def load_manifest(bundle_dir: str | Path, check_files: bool = True) -> Manifest:
     for name in (ENCODER, DECODER_STEP):
         if name not in files:
             raise BundleError(f"{mpath}: 'files' does not list {name}; the manifest is damaged, re-export")
+    cached = [name for name in (ATTENTION_CACHE, DECODER_STEP_CACHED) if name in files]
+    if len(cached) == 1:
+        raise BundleError(f"{mpath}: 'files' lists {cached[0]} without its pair of the attention cache "
+                          f"({ATTENTION_CACHE}, {DECODER_STEP_CACHED}); the manifest is damaged, re-export")
+    if cached and cell != "attention":
+        raise BundleError(f"{mpath}: a {cell} bundle lists an attention cache; the manifest is damaged, re-export")
     if check_files:
         verify_files(root, files)
     return Manifest(

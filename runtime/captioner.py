@@ -9,11 +9,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bundle import Manifest, graph_signature, load_manifest
+from .bundle import GRAPH_FILES, Manifest, cache_signature, graph_signature, load_manifest
 from .decode import Beams, beam_search, greedy, greedy_bound
 from .errors import BundleError, CaptoolError
 from .preprocess import ImageSource, preprocess
-from .sessions import BoundStep, StepBuffers, create_session, io_binding_wanted, open_sessions, set_verbose
+from .sessions import (BoundStep, StepBuffers, attention_cache_wanted, create_session, io_binding_wanted, open_sessions,
+                       set_verbose)
 
 log = logging.getLogger("captool")
 
@@ -52,17 +53,29 @@ class Captioner:
         verbose: let onnxruntime's own warnings and errors through (process-wide setting).
         io_binding: run the decoder step through IO binding; default on CUDA only (env
             CAPTOOL_IO_BINDING=1/0 overrides the default).
+        attention_cache: decode with the bundle's attention cache (attention_cache.onnx and
+            decoder_step_cached.onnx) instead of decoder_step.onnx; default on where the bundle has
+            one (env CAPTOOL_ATTENTION_CACHE=1/0 overrides the default). Same captions, fewer bytes
+            read per step (docs/runtime.md).
     """
 
     def __init__(self, bundle_dir: str | Path, device: str = "auto", threads: Optional[int] = None, *,
-                 verbose: bool = False, io_binding: Optional[bool] = None):
+                 verbose: bool = False, io_binding: Optional[bool] = None,
+                 attention_cache: Optional[bool] = None):
         self.manifest: Manifest = load_manifest(bundle_dir)
         self.vocab = self.manifest.vocab
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise CaptoolError(f"threads must be a positive integer, got {threads!r}")
         set_verbose(verbose)
-        self._encoder, self._decoder, placement = open_sessions(
-            self.manifest.encoder_path, self.manifest.decoder_step_path, device, threads, verbose)
+        self.attention_cache = attention_cache_wanted(self.manifest, attention_cache)
+        self.step_graph = "decoder_step_cached" if self.attention_cache else "decoder_step"
+        self._step_path = self.manifest.root / GRAPH_FILES[self.step_graph]
+        graphs = {"encoder": self.manifest.encoder_path, self.step_graph: self._step_path}
+        if self.attention_cache:
+            graphs["attention_cache"] = self.manifest.root / GRAPH_FILES["attention_cache"]
+        sessions, placement = open_sessions(graphs, device, threads, verbose)
+        self._encoder, self._decoder = sessions["encoder"], sessions[self.step_graph]
+        self._cache = sessions.get("attention_cache")
         self.device = placement.device
         self.notice = placement.notice
         if self.notice:
@@ -70,6 +83,8 @@ class Captioner:
         self.providers: list[str] = self._decoder.get_providers()
         self._check_graphs()
         self._encoder_outputs = [o.name for o in self._encoder.get_outputs()]
+        self._cache_outputs = [o.name for o in self._cache.get_outputs()] if self._cache else []
+        self._step_inputs = [i.name for i in self._decoder.get_inputs()]
         self._step_outputs = [o.name for o in self._decoder.get_outputs()]
         self._threads, self._verbose, self._placement = threads, verbose, placement
         self._wide_decoder = None  # made on the first wide batch (CPU only)
@@ -77,13 +92,21 @@ class Captioner:
         self._step_fn = BoundStep(self._decoder, self.device) if self.io_binding else self.step
         self._buffers: dict[int, StepBuffers] = {}  # greedy's bound step on the CPU, per batch size
 
+    @property
+    def step_path(self) -> Path:
+        """The decoder step graph this Captioner decodes with (decoder_step.onnx or decoder_step_cached.onnx)."""
+        return self._step_path
+
     # --- checks made at load, each with its own message -------------------------------------
 
     def _check_graphs(self) -> None:
         m = self.manifest
-        want = graph_signature(m.cell_type)
+        want = {**graph_signature(m.cell_type), **cache_signature()}
         promised = m.raw.get("graphs", {})
-        for graph, sess in (("encoder", self._encoder), ("decoder_step", self._decoder)):
+        checked = [("encoder", self._encoder), (self.step_graph, self._decoder)]
+        if self._cache is not None:
+            checked.append(("attention_cache", self._cache))
+        for graph, sess in checked:
             got = {"inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()]}
             for side in ("inputs", "outputs"):
                 if sorted(got[side]) != sorted(want[graph][side]):
@@ -100,14 +123,14 @@ class Captioner:
         self._check_io(self._encoder.get_inputs()[0], "encoder", "uint8", ["N", 3, m.image_size, m.image_size])
         for arg in self._decoder.get_inputs():
             if arg.name == "token":
-                self._check_io(arg, "decoder_step", "int64", ["N"])
+                self._check_io(arg, self.step_graph, "int64", ["N"])
             elif arg.name in ("h", "c"):
-                self._check_io(arg, "decoder_step", None, ["N", m.hidden_dim])
+                self._check_io(arg, self.step_graph, None, ["N", m.hidden_dim])
         logits = next(o for o in self._decoder.get_outputs() if o.name == "logits")
         width = logits.shape[-1] if isinstance(logits.shape[-1], int) else self._probe_logits_width()
         if width != len(self.vocab):
             raise BundleError(
-                f"{m.root}: decoder_step gives {width} logits but the manifest's vocabulary has "
+                f"{m.root}: {self.step_graph} gives {width} logits but the manifest's vocabulary has "
                 f"{len(self.vocab)} tokens; the bundle is inconsistent, re-export it"
             )
 
@@ -133,27 +156,37 @@ class Captioner:
     # --- the graphs --------------------------------------------------------------------------
 
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [N,3,S,S] -> the encoder's outputs by name (h0, plus c0 and features where present)."""
+        """uint8 [N,3,S,S] -> the encoder's outputs by name (h0, plus c0 and features where present).
+
+        With the attention cache in use, also its outputs (attention_keys, attention_values), which
+        the cached step takes instead of the features.
+        """
         s = self.manifest.image_size
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
                 or images.shape[1:] != (3, s, s):
             got = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
             raise CaptoolError(f"encoder input must be uint8 [N,3,{s},{s}] (see captool.preprocess), got {got}")
-        return dict(zip(self._encoder_outputs, self._encoder.run(self._encoder_outputs, {"image": images})))
+        out = dict(zip(self._encoder_outputs, self._encoder.run(self._encoder_outputs, {"image": images})))
+        if self._cache is not None:
+            out.update(zip(self._cache_outputs, self._cache.run(self._cache_outputs, {"features": out["features"]})))
+        return out
 
     def _step_session(self, batch: int):
         """The decoder step's session for `batch` rows: on the CPU, wide batches get the multi-threaded one."""
         if self.device == "cpu" and batch >= WIDE_BATCH and self._threads != 1:
             if self._wide_decoder is None:
-                self._wide_decoder = create_session(self.manifest.decoder_step_path, "decoder_step_wide",
+                self._wide_decoder = create_session(self._step_path, "decoder_step_wide",
                                                     self._placement, self._threads, self._verbose)
             return self._wide_decoder
         return self._decoder
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One decoder step: token and state in, logits and next state out, by name (numpy)."""
+        """One decoder step: token and state in, logits and next state out, by name (numpy).
+
+        Feeds the step graph does not take (the features, when the attention cache is in use) are left out.
+        """
         session = self._step_session(feeds["token"].shape[0])
-        return dict(zip(self._step_outputs, session.run(self._step_outputs, feeds)))
+        return dict(zip(self._step_outputs, session.run(self._step_outputs, {k: feeds[k] for k in self._step_inputs})))
 
     def step_buffers(self, batch: int) -> StepBuffers:
         """The CPU decoder step for `batch` rows with its inputs and outputs bound once (what greedy runs)."""
@@ -161,8 +194,9 @@ class Captioner:
             if len(self._buffers) >= _KEPT_BUFFERS:
                 self._buffers.pop(next(iter(self._buffers)))  # the oldest batch size goes
             m = self.manifest
-            shapes = {"h": (m.hidden_dim,), "c": (m.hidden_dim,), "features": (m.hidden_dim, 4, 4),
-                      "logits": (len(self.vocab),), "attn_weights": (4, 4)}
+            H = m.hidden_dim
+            shapes = {"h": (H,), "c": (H,), "features": (H, 4, 4), "attention_keys": (H, 16),
+                      "attention_values": (16, 4 * H), "logits": (len(self.vocab),), "attn_weights": (4, 4)}
             self._buffers[batch] = StepBuffers(self._step_session(batch), batch, shapes)
         return self._buffers[batch]
 

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .bundle import STATE_FROM_ENCODER, STATE_FROM_STEP
+from .bundle import IMAGE_STATE, STATE_FROM_ENCODER, STATE_FROM_STEP
 
 Arrays = Mapping[str, np.ndarray]
 StepFn = Callable[[dict[str, np.ndarray]], Arrays]
@@ -196,8 +196,8 @@ def beam_search(
         state = next_state(state, out)
         rows = (first_row + parent).reshape(-1)  # (N*k,) the parent's row for each new beam
         if not np.array_equal(rows, np.arange(n * k)):
-            # features are the same for all beams of an image, so only h and c move.
-            state = {name: v if name == "features" else _take_rows(v, rows) for name, v in state.items()}
+            # features (or the attention cache) are the same for all beams of an image: only h and c move.
+            state = {name: v if name in IMAGE_STATE else _take_rows(v, rows) for name, v in state.items()}
         word = word_nk.reshape(-1)
     scores = log_probs / length_normalizer(lengths, length_penalty) if length_penalty else log_probs
     rank = np.argsort(-scores, axis=1, kind="stable")  # (N, k) best first

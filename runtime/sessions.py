@@ -18,7 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DeviceError
+from .bundle import IMAGE_STATE
+from .errors import BundleError, DeviceError
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
@@ -137,8 +138,9 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     0.76 ms spinning within a run, 0.55 ms spinning on after it, which burns a core while idle and
     halved the speed of anything else running, PyTorch in `captool bench` included).
     CAPTOOL_ENCODER_SPIN=0 turns spinning off, for a machine whose cores are busy with other work.
-    The decoder step ("decoder_step") is a few small matmuls: below 32 rows a thread pool gains
-    nothing, so it runs on the calling thread alone; "decoder_step_wide", the same graph for wide
+    The decoder step ("decoder_step", "decoder_step_cached") is a few small matmuls: below 32 rows a thread pool gains
+    nothing, so it runs on the calling thread alone, and so does the attention cache
+    ("attention_cache", one matmul per batch); "decoder_step_wide", the same graph for wide
     batches, gets `threads` like the encoder, without spinning.
     """
     import onnxruntime as ort
@@ -148,7 +150,7 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
     opts.log_severity_level = VERBOSE if verbose else QUIET
-    if graph == "decoder_step":
+    if graph in ("decoder_step", "decoder_step_cached", "attention_cache"):
         opts.intra_op_num_threads = 1
     elif threads:  # the encoder, and the decoder step's session for wide batches (Captioner.step)
         opts.intra_op_num_threads = threads
@@ -182,24 +184,35 @@ def create_session(path, graph: str, placement: Placement, threads: Optional[int
                                 providers=list(placement.providers))
 
 
-def open_sessions(encoder_path, decoder_path, device: str, threads: Optional[int] = None, verbose: bool = False):
-    """Both graphs' sessions on the device asked for -> (encoder, decoder_step, placement).
+def open_sessions(graphs: dict[str, object], device: str, threads: Optional[int] = None, verbose: bool = False):
+    """Sessions for {graph kind: path} on the device asked for -> ({graph kind: session}, placement).
 
     If CUDA was chosen but onnxruntime did not start it (it falls back to CPU without raising),
     `cuda` refuses and `auto` carries on with CPU sessions and a notice saying so.
     """
     placement = place(device)
-    sessions = [create_session(path, graph, placement, threads, verbose)
-                for path, graph in ((encoder_path, "encoder"), (decoder_path, "decoder_step"))]
-    if placement.device == "cuda" and not all(CUDA in s.get_providers() for s in sessions):
+    sessions = {graph: create_session(path, graph, placement, threads, verbose) for graph, path in graphs.items()}
+    if placement.device == "cuda" and not all(CUDA in s.get_providers() for s in sessions.values()):
         why = (f"onnxruntime could not start its CUDA provider although the CUDA libraries load (a GPU "
                f"or driver too old for CUDA {_cuda_major()}?); --verbose shows onnxruntime's log")
         if device == "cuda":
             raise DeviceError(f"--device cuda: {why}, or use --device cpu")
         placement = Placement("cpu", (CPU,), notice=f"running on CPU: {why}")
-        sessions = [create_session(path, graph, placement, threads, verbose)
-                    for path, graph in ((encoder_path, "encoder"), (decoder_path, "decoder_step"))]
-    return sessions[0], sessions[1], placement
+        sessions = {graph: create_session(path, graph, placement, threads, verbose) for graph, path in graphs.items()}
+    return sessions, placement
+
+
+def attention_cache_wanted(manifest, override: Optional[bool] = None) -> bool:
+    """Use the bundle's attention cache where it has one; CAPTOOL_ATTENTION_CACHE=0 (or `override`) says no.
+
+    Asking for it (True, or the variable set to 1) on a bundle without one is an error.
+    """
+    wanted = override if override is not None else _env_flag("CAPTOOL_ATTENTION_CACHE")
+    if wanted and not manifest.has_attention_cache:
+        raise BundleError(f"{manifest.root} has no attention cache ({manifest.cell_type} bundle"
+                          f"{'' if manifest.cell_type != 'attention' else ' exported before captool had one'}); "
+                          f"re-export an attention model with this captool, or leave the attention cache off")
+    return manifest.has_attention_cache if wanted is None else wanted
 
 
 def io_binding_wanted(device: str, override: Optional[bool] = None) -> bool:
@@ -281,8 +294,9 @@ class StepBuffers:
         self.tokens = np.zeros((batch,), dtype=np.int64)
         self._state = {name: (buffer(name), buffer(name)) for name in inputs if name in ("h", "c")}
         self._shared = {"token": self.tokens}
-        if "features" in inputs:
-            self._shared["features"] = buffer("features")
+        for name in inputs:
+            if name in IMAGE_STATE:  # the same at every step: one buffer for both bindings
+                self._shared[name] = buffer(name)
         self._out = {name: buffer(name) for name in outputs if name not in carried}
         self._bindings = []
         for parity in (0, 1):
@@ -295,23 +309,33 @@ class StepBuffers:
                 b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
             self._bindings.append(b)
         self._parity = 0
+        # The public run_with_iobinding first checks for WebGPU graph capture on every call: 2 µs of
+        # a 28 µs step (shipped model, batch 1). The binding's own session is called where it is there.
+        native = getattr(session, "_sess", None)
+        options = ort.RunOptions()  # made once: without it each call makes its own
+        if native is not None and all(hasattr(b, "_iobinding") for b in self._bindings):
+            self._run, self._runs = native.run_with_iobinding, [(b._iobinding, options) for b in self._bindings]
+        else:
+            self._run, self._runs = session.run_with_iobinding, [(b, options) for b in self._bindings]
 
     def load(self, state: dict[str, np.ndarray]) -> None:
-        """Start from this state (h, plus c and features where the cell has them), batch rows as made."""
+        """Start from this state (h, plus c and features or the attention cache where the graph takes
+        them; other entries are ignored), batch rows as made."""
         self._parity = 0
         for name, value in state.items():
-            target = self._shared[name] if name in self._shared else self._state[name][0]
-            np.copyto(target, value)
+            if name in self._shared and name != "token":
+                np.copyto(self._shared[name], value)
+            elif name in self._state:
+                np.copyto(self._state[name][0], value)
 
     def run(self) -> np.ndarray:
         """One step on `tokens` and the current state; the logits (batch, V), overwritten by the next call."""
-        self.session.run_with_iobinding(self._bindings[self._parity])
+        self._run(*self._runs[self._parity])
         self._parity ^= 1
         return self._out["logits"]
 
     def state(self) -> dict[str, np.ndarray]:
         """The current state (copies): what the next `run()` reads."""
         current = {name: pair[self._parity].copy() for name, pair in self._state.items()}
-        if "features" in self._shared:
-            current["features"] = self._shared["features"].copy()
+        current.update({name: array.copy() for name, array in self._shared.items() if name in IMAGE_STATE})
         return current

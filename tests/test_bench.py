@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from captool import Captioner
 from captool.bench import FIGURES, bench, plot, table
 from captool.floor import graph_cost
 from captool.bundle import load_manifest
@@ -83,6 +84,23 @@ def test_decoder_step_flops_equal_the_hand_computation(tiny_bundle):
         assert 4 * read <= cost.weight_bytes <= 4 * read + 64  # + a few int64 shape constants
     encoder = graph_cost(root / "encoder.onnx", 1)
     assert encoder.macs > dims["input_dim"] * H and encoder.uncounted == []
+
+
+def test_cached_step_reads_no_wattn(tiny_bundle):
+    """The attention cache's step: h·Wh, the weighted sum of the values, h_next·W_out; no Wattn read."""
+    root = tiny_bundle("attention")
+    dims = load_manifest(root).raw["dims"]
+    H, V = dims["hidden_dim"], dims["vocab_size"]
+    for batch in (1, 64):
+        plain, cached = (graph_cost(root / name, batch) for name in ("decoder_step.onnx", "decoder_step_cached.onnx"))
+        assert cached.flops == 2 * batch * (H * 4 * H + 16 * 4 * H + H * 16 + H * V)  # + scores h·keys
+        read = min(batch, V) * 4 * H + H * 4 * H + H * V + V  # table rows, Wh, output projection
+        assert 4 * read <= cached.weight_bytes <= 4 * read + 64
+        assert plain.weight_bytes - cached.weight_bytes >= 4 * H * 4 * H  # Wattn (H, 4H) is not read
+    captioner = Captioner(root, device="cpu")
+    report = bench(root, images=1, repeats=2, cold=False, rates=RATES)
+    assert report["step_graph"] == captioner.step_graph == "decoder_step_cached"
+    assert report["floor"]["step_b1"]["weight_bytes"] == graph_cost(captioner.step_path, 1).weight_bytes
 
 
 def check_figures(report: dict, sides: tuple[str, ...]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -15,7 +16,8 @@ onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from captool.bundle import DECODER_STEP, ENCODER, MANIFEST, graph_signature, load_manifest, sha256_file  # noqa: E402
+from captool.bundle import (ATTENTION_CACHE, DECODER_STEP, DECODER_STEP_CACHED, ENCODER, GRAPH_FILES, MANIFEST,  # noqa: E402
+                            cache_signature, graph_signature, load_manifest, sha256_file)
 from captool.captioner import Captioner  # noqa: E402
 from captool.cli import app  # noqa: E402
 from captool.decode import greedy  # noqa: E402
@@ -51,19 +53,22 @@ def test_bundle_is_proven_equal_at_several_batch_sizes(tiny_bundle, tiny_checkpo
     manifest = load_manifest(bundle)  # schema and every sha256
     raw = manifest.raw
     assert raw["cell_type"] == cell and raw["precision"] == "fp32" and raw["opset"] >= 18
-    assert set(raw["files"]) == {ENCODER, DECODER_STEP}
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([ENCODER, DECODER_STEP, MANIFEST])
+    cached = [ATTENTION_CACHE, DECODER_STEP_CACHED] if cell == "attention" else []  # the attention cache
+    assert set(raw["files"]) == {ENCODER, DECODER_STEP, *cached}
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([ENCODER, DECODER_STEP, MANIFEST, *cached])
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temp dir left beside it
     parity = raw["parity"]
     assert parity["ok"] is True
-    assert [b["batch_size"] for b in parity["batches"]] == [1, 3, 17]
+    steps = ["decoder_step"] + (["decoder_step_cached"] if cached else [])
+    # Every step the runtime may decode with is proven on its own batches.
+    assert [(b["step_graph"], b["batch_size"]) for b in parity["batches"]] == [(s, n) for s in steps for n in (1, 3, 17)]
     outputs = {(d["graph"], d["output"]) for b in parity["batches"] for d in b["diffs"]}
-    sig = graph_signature(cell)
-    assert outputs == {("encoder", n) for n in sig["encoder"]["outputs"]} | \
-                      {("decoder_step", n) for n in sig["decoder_step"]["outputs"]}
+    sig = {**graph_signature(cell), **(cache_signature() if cached else {})}
+    assert outputs == {(g, n) for g in ["encoder", *steps, *(["attention_cache"] if cached else [])]
+                       for n in sig[g]["outputs"]}
     for b in parity["batches"]:
         assert b["equal"] == b["batch_size"] and not b["mismatches"] and b["steps"] >= 1
-        assert all(d["max_abs"] <= 1e-4 for d in b["diffs"])
+        assert all(d["max_abs"] <= 1e-4 and d["bound"] <= 1 for d in b["diffs"])
     # The tiny model's captions end: the <END>/<NULL> rule is exercised, not only max_length.
     tokens = Captioner(bundle, device="cpu").generate(np.zeros((2, 3, 112, 112), np.uint8))
     model = load_model(tiny_checkpoint(cell))
@@ -76,7 +81,8 @@ def test_graphs_are_clean_with_a_dynamic_batch(tiny_bundle, tiny_checkpoint, cel
     bundle = tiny_bundle(cell)
     model = load_model(tiny_checkpoint(cell))
     specs = io_specs(model.config)
-    for graph, name in (("encoder", ENCODER), ("decoder_step", DECODER_STEP)):
+    assert set(specs) == {"encoder", "decoder_step"} | ({"attention_cache", "decoder_step_cached"} if cell == "attention" else set())
+    for graph, name in ((graph, GRAPH_FILES[graph]) for graph in specs):
         info = check_graph(bundle / name, graph, specs[graph])  # raises on anything unclean
         assert not {"If", "Loop", "Scan"} & set(info.op_types)
         proto = onnx.load(str(bundle / name))
@@ -169,7 +175,7 @@ def test_failed_validation_exits_1_and_leaves_nothing(tiny_bundle, tiny_checkpoi
     out = tmp_path / "out" / "bundle"
     result = runner.invoke(app, ["export", str(tiny_checkpoint("rnn")), "--out", str(out)])
     assert result.exit_code == 1, result.output
-    assert "decoder_step logits" in result.output and "result: FAIL" in result.output
+    assert re.search(r"decoder_step +logits .* FAIL", result.output) and "result: FAIL" in result.output
     assert "no bundle was written" in result.output
     assert not out.exists() and list(out.parent.iterdir()) == []  # no temp dir either
 
@@ -261,21 +267,23 @@ def test_missing_export_extra_is_named(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_looks_up_the_folded_input_projection(tiny_bundle, tiny_checkpoint, cell):
-    """W_embed @ Wx + b is one table in decoder_step.onnx: no Wx, no bias add, the same numbers."""
+    """W_embed @ Wx + b is one table in each step graph: no Wx, no bias add, the same numbers."""
     from onnx import numpy_helper
 
     from captool.export.fold import TABLE
 
     model = load_model(tiny_checkpoint(cell))
-    proto = onnx.load(str(tiny_bundle(cell) / DECODER_STEP))
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     with torch.no_grad():
         want = (model.word_embedding.W_embed @ model.cell.Wx + model.cell.b).numpy()  # (V, G)
-    np.testing.assert_allclose(inits[TABLE], want, rtol=1e-5, atol=1e-6)
     gone = [model.cell.Wx.detach().numpy(), model.word_embedding.W_embed.detach().numpy(), model.cell.b.detach().numpy()]
-    assert not any(v.shape == g.shape and np.array_equal(v, g) for v in inits.values() for g in gone)
-    consumers = [n.op_type for n in proto.graph.node if TABLE in n.input]
-    assert consumers == ["GatherND"]
+    steps = [DECODER_STEP] + ([DECODER_STEP_CACHED] if cell == "attention" else [])
+    for step in steps:
+        proto = onnx.load(str(tiny_bundle(cell) / step))
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        np.testing.assert_allclose(inits[TABLE], want, rtol=1e-5, atol=1e-6)
+        assert not any(v.shape == g.shape and np.array_equal(v, g) for v in inits.values() for g in gone)
+        consumers = [n.op_type for n in proto.graph.node if TABLE in n.input]
+        assert consumers == ["Gather"]  # one lookup node: F.embedding traces to a plain Gather
 
 
 def test_fold_leaves_a_graph_without_the_pattern_alone():

@@ -154,6 +154,35 @@ def dot_product_attention(prev_h: Tensor, A: Tensor):
     return attn, attn_weights
 
 
+def attention_cache(A: Tensor, Wattn: Tensor) -> tuple[Tensor, Tensor]:
+    """What every attention step of one image recomputes from A alone, computed once for deployment.
+
+    A (N, H, 4, 4), Wattn (H, 4H) -> keys (N, H, 16), A's grid scaled by 1/sqrt(H), and values
+    (N, 16, 4H), each grid vector's contribution to the gates (A_i @ Wattn). A step then takes
+    `attn @ Wattn` as `weights @ values`: the same sum, reassociated, so it no longer reads Wattn
+    (1 MB of the shipped model's 2 MB per step). The training code keeps the course's form.
+    """
+    A_flat = A.flatten(2)  # (N, H, 16)
+    return A_flat / math.sqrt(A.shape[1]), A_flat.transpose(1, 2) @ Wattn
+
+
+def cached_attention_step(x: Tensor, prev_h: Tensor, prev_c: Tensor, keys: Tensor, values: Tensor,
+                          Wx: Tensor, Wh: Tensor, b: Tensor):
+    """The attention LSTM's step on `attention_cache`'s keys and values -> (next_h, next_c, attn_weights).
+
+    Equal, up to float rounding, to dot_product_attention + lstm_step_forward. The i, f, o gates lie
+    side by side in the 4H vector, so one sigmoid covers them (one graph node instead of three).
+    """
+    H = prev_h.shape[1]
+    weights = F.softmax(prev_h.unsqueeze(1) @ keys, dim=2)  # (N, 1, H) @ (N, H, 16) -> (N, 1, 16)
+    a = x @ Wx + prev_h @ Wh + b + (weights @ values).squeeze(1)  # (N, 4H)
+    ifo, g = a.split([3 * H, H], dim=1)
+    i, f, o = torch.sigmoid(ifo).chunk(3, dim=1)
+    next_c = f * prev_c + i * torch.tanh(g)
+    next_h = o * torch.tanh(next_c)
+    return next_h, next_c, weights.reshape(-1, 4, 4)
+
+
 def attention_forward(x: Tensor, A: Tensor, Wx: Tensor, Wh: Tensor, Wattn: Tensor, b: Tensor) -> Tensor:
     """The attention LSTM over a sequence: x (N, T, D), A (N, H, 4, 4) -> h (N, T, H).
 
@@ -222,8 +251,12 @@ class WordEmbedding(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x int64 (N,) or (N, T) -> (N, D) or (N, T, D)."""
-        return self.W_embed[x]
+        """x int64 (N,) or (N, T) -> (N, D) or (N, T, D).
+
+        F.embedding is W_embed[x] exactly; it traces to one Gather where indexing traces to
+        Unsqueeze + GatherND (one node less in every exported step).
+        """
+        return F.embedding(x, self.W_embed)
 
 
 def temporal_softmax_loss(x: Tensor, y: Tensor, ignore_index: int | None = None) -> Tensor:

@@ -19,7 +19,8 @@ from captool.vocab import Vocab
 
 from .backbone import FeatureExtractor
 from .errors import TrainingError
-from .layers import LSTM, RNN, AttentionLSTM, WordEmbedding, dot_product_attention, temporal_softmax_loss
+from .layers import (LSTM, RNN, AttentionLSTM, WordEmbedding, attention_cache, cached_attention_step,
+                     dot_product_attention, temporal_softmax_loss)
 
 CELL_TYPES = ("rnn", "lstm", "attention")
 
@@ -204,6 +205,29 @@ class CaptioningRNN(nn.Module):
             h_next, out["c_next"] = self.cell.step_forward(x, h, c, attn)
             out["attn_weights"] = attn_weights
         return {"logits": self.out_projector(h_next), "h_next": h_next, **out}  # logits (N, V)
+
+    def attention_cache(self, features: Tensor) -> dict[str, Tensor]:
+        """An attention model's per-image part of every step, once: {"attention_keys", "attention_values"}.
+
+        layers.attention_cache says what they are; `step_cached` takes them instead of the features.
+        """
+        self._require_attention("attention_cache")
+        keys, values = attention_cache(features, self.cell.Wattn)
+        return {"attention_keys": keys, "attention_values": values}  # (N, H, 16), (N, 16, 4H)
+
+    def step_cached(self, token: Tensor, h: Tensor, c: Tensor, attention_keys: Tensor,
+                    attention_values: Tensor) -> dict[str, Tensor]:
+        """`step` of an attention model on `attention_cache`'s outputs: the same outputs, fewer weights read."""
+        self._require_attention("step_cached")
+        x = self.word_embedding(token)  # (N,) -> (N, W)
+        cell = self.cell
+        h_next, c_next, attn_weights = cached_attention_step(x, h, c, attention_keys, attention_values,
+                                                             cell.Wx, cell.Wh, cell.b)
+        return {"logits": self.out_projector(h_next), "h_next": h_next, "c_next": c_next, "attn_weights": attn_weights}
+
+    def _require_attention(self, what: str) -> None:
+        if self.config.cell_type != "attention":
+            raise TrainingError(f"{what}() is for attention models; this one is {self.config.cell_type}")
 
     @torch.no_grad()
     def sample(self, images: Tensor | None, max_length: int | None = None, *, features: Tensor | None = None) -> Tensor:
