@@ -296,8 +296,9 @@ def test_decoder_step_session_options():
     assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
     assert sessions.session_options("encoder", 3).intra_op_num_threads == 3
     assert sessions.session_options("decoder_step", 4).intra_op_num_threads == 1
-    for graph in ("decoder_step_cached", "attention_cache"):  # the attention cache's graphs, likewise
-        assert sessions.session_options(graph, 4).intra_op_num_threads == 1
+    assert sessions.session_options("decoder_step_cached", 4).intra_op_num_threads == 1  # the cached step too
+    cache = sessions.session_options("attention_cache", 4)  # one big matmul per batch: the pool, not spinning
+    assert cache.intra_op_num_threads == 4 and cache.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
