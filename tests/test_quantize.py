@@ -34,9 +34,14 @@ N_IMAGES = len(TEXTS)
 # A tiny model's random backbone quantizes far worse than a trained one (int8 relative error 0.15-0.67
 # against 0.06, docs/export.md): these tests check the mechanics under bounds the tiny models meet, and
 # test_the_production_bounds_apply_by_default that the real ones are applied otherwise.
-# int8 rel_err 1.5: the tiny attention model's softmax over 16 positions flips under int8 (attn_weights
-# rel_err 1.33 measured, on decoder_step and decoder_step_cached alike); its captions still agree 5/8.
-TINY_TOLERANCES = {"fp16": Tolerance(rel_err=0.2, min_agreement=0.75), "int8": Tolerance(rel_err=1.5, min_agreement=0.5)}
+TINY_TOLERANCES = {"fp16": Tolerance(rel_err=0.2, min_agreement=0.75), "int8": Tolerance(rel_err=1.0, min_agreement=0.5)}
+# The tiny attention model's softmax over 16 positions flips under int8 (attn_weights rel_err 1.33
+# measured, on decoder_step and decoder_step_cached alike); its captions still agree 5/8.
+TINY_ATTENTION_INT8 = Tolerance(rel_err=1.5, min_agreement=0.5)
+
+
+def tiny_tolerance(precision: str, cell: str) -> Tolerance:
+    return TINY_ATTENTION_INT8 if (precision, cell) == ("int8", "attention") else TINY_TOLERANCES[precision]
 
 
 def training_images() -> np.ndarray:
@@ -78,11 +83,11 @@ def train_tiny(cell: str):
     return model.eval()
 
 
-def reuse_graphs(mp, source):
+def reuse_graphs(mp, source, cell: str = ""):
     """Export without tracing: copy the fp32 bundle's graphs (the exporter is deterministic, so they are
     what tracing the same checkpoint writes; test_export covers the tracing itself). Tiny bounds too."""
-    for precision, tolerance in TINY_TOLERANCES.items():
-        mp.setitem(validate_module.TOLERANCES, precision, tolerance)
+    for precision in TINY_TOLERANCES:
+        mp.setitem(validate_module.TOLERANCES, precision, tiny_tolerance(precision, cell))
     mp.setattr(bundle_module, "export_encoder", lambda model, path, **kw: shutil.copy(source / ENCODER, path))
     mp.setattr(bundle_module, "export_decoder_step", lambda model, path, **kw: shutil.copy(source / DECODER_STEP, path))
 
@@ -137,7 +142,7 @@ def lowered(fp32, checkpoint, images, tmp_path_factory):
         if (precision, cell) not in cache:
             out = tmp_path_factory.mktemp(f"{precision}-{cell}") / "bundle"
             with pytest.MonkeyPatch.context() as mp:
-                reuse_graphs(mp, fp32(cell))
+                reuse_graphs(mp, fp32(cell), cell)
                 export_bundle(checkpoint(cell), out, precision=precision, calibration=images, batch_sizes=(1, 3))
             cache[precision, cell] = out
         return cache[precision, cell]
@@ -175,7 +180,7 @@ def test_lowered_bundle_keeps_the_io_and_validates_with_agreement(lowered, fp32,
             assert raw["graphs"][graph][side] == load_manifest(fp32(cell)).raw["graphs"][graph][side]
 
     parity = raw["parity"]
-    tol = TINY_TOLERANCES[precision]
+    tol = tiny_tolerance(precision, cell)
     assert parity["ok"] is True and parity["precision"] == precision
     assert parity["min_agreement"] == tol.min_agreement and tol.min_agreement <= parity["agreement"] <= 1.0
     assert parity["images"] == {"path": str(images), "split": None, "images": N_IMAGES}
