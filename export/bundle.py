@@ -30,7 +30,6 @@ from .quantize import convert_fp16, quantize_decoder_step, quantize_encoder
 from .validate import BATCH_SIZES, ExportError, ParityReport, image_files, load_model, verify_bundle
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 

@@ -36,9 +36,9 @@ class Tolerance:
     """How close a bundle of one precision must be to PyTorch (docs/export.md has the measurements).
 
     fp32: every element of every output within `atol` + `rtol` * |torch| of PyTorch, every greedy
-    sequence identical (near-ties aside). fp16/int8: each output's relative error ||bundle - torch|| / ||torch|| (over
-    the batch, at each step) at most `rel_err`, and at least `min_agreement` of the (real) images
-    captioned exactly as PyTorch captions them. Elementwise bounds suit quantization badly: int8
+    sequence identical (near-ties aside). fp16/int8: each output's relative error
+    ||bundle - torch|| / ||torch|| (over the batch, at each step) at most `rel_err`, and at least
+    `min_agreement` of the (real) images captioned exactly as PyTorch captions them. Elementwise bounds suit quantization badly: int8
     may flip a few of 512 state elements by ~1 and still give the same caption.
     """
 
@@ -125,11 +125,16 @@ class ParityReport:
     def agreement(self) -> Optional[float]:
         """Share of images whose greedy tokens equal PyTorch's (near-ties count as disagreeing); for a
         bundle validated on both its steps (the attention cache), the lower of the two shares."""
-        shares = []
-        for step in {b.step_graph for b in self.batches}:
-            batches = [b for b in self.batches if b.step_graph == step]
-            shares.append(sum(b.equal for b in batches) / sum(b.batch_size for b in batches))
+        shares = [equal / total for equal, total in self.agreement_by_step().values()]
         return min(shares) if shares else None
+
+    def agreement_by_step(self) -> dict[str, tuple[int, int]]:
+        """Per step graph that decoded: (images captioned as PyTorch does, images)."""
+        counts: dict[str, tuple[int, int]] = {}
+        for b in self.batches:
+            equal, total = counts.get(b.step_graph, (0, 0))
+            counts[b.step_graph] = (equal + b.equal, total + b.batch_size)
+        return counts
 
     @property
     def ok(self) -> bool:
@@ -180,12 +185,10 @@ class ParityReport:
             if not b.generate_equal:
                 lines.append("  Captioner.generate gave other tokens than the recorded greedy loop")
         if self.min_agreement is not None and self.agreement is not None:
-            steps = sorted({b.step_graph for b in self.batches})
-            for step in steps:
-                batches = [b for b in self.batches if b.step_graph == step]
-                equal, total = sum(b.equal for b in batches), sum(b.batch_size for b in batches)
+            by_step = self.agreement_by_step()
+            for step, (equal, total) in by_step.items():
                 verdict = "ok" if equal / total >= self.min_agreement else "FAIL"
-                via = f" ({step})" if len(steps) > 1 else ""
+                via = f" ({step})" if len(by_step) > 1 else ""
                 lines.append(f"caption agreement with PyTorch{via}: {equal}/{total} = {equal / total:.1%} "
                              f"(min {self.min_agreement:.0%}) {verdict}")
         lines.append(f"result: {'PASS' if self.ok else 'FAIL'}")
