@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from captool.bundle import cache_signature, graph_signature
+from captool.bundle import STATE_FROM_ENCODER, cache_signature, graph_signature
 
 from .fold import fold_input_projection
 from .validate import ExportError
@@ -134,14 +134,8 @@ def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OP
     fold: compute `W_embed @ Wx + b` once into a lookup table (captool.export.fold says why).
     """
     names = graph_signature(model.config.cell_type)["decoder_step"]
-    with torch.no_grad():
-        state = model.encode(example_images(model, batch))
-    token = torch.arange(batch, dtype=torch.int64) % model.config.vocab_size  # (N,)
-    by_input = {"token": token, "h": state["h0"], "c": state.get("c0"), "features": state.get("features")}
-    # Clones: attention's h0 and c0 are one tensor, and torch.export merges aliased inputs into one.
-    args = tuple(by_input[name].clone() for name in names["inputs"])
-    _export(DecoderStepGraph(model), args, names["inputs"], names["outputs"], path, opset,
-            rewrite=fold_input_projection if fold else None)
+    _export(DecoderStepGraph(model), _step_args(model, names["inputs"], batch), names["inputs"], names["outputs"],
+            path, opset, rewrite=fold_input_projection if fold else None)
 
 
 def export_attention_cache(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
@@ -156,15 +150,21 @@ def export_cached_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPS
     """Trace one `model.step_cached` (attention models) into `path`, the input projection folded as in
     `export_decoder_step`."""
     names = cache_signature()["decoder_step_cached"]
+    _export(CachedStepGraph(model), _step_args(model, names["inputs"], batch), names["inputs"], names["outputs"],
+            path, opset, rewrite=fold_input_projection)
+
+
+def _step_args(model: nn.Module, inputs: list[str], batch: int) -> tuple[Tensor, ...]:
+    """A step's example inputs, in `inputs` order: tokens, and the state `encode` (and, for the cached
+    step, `attention_cache`) gives for the example images."""
     with torch.no_grad():
         state = model.encode(example_images(model, batch))
-        state.update(model.attention_cache(state["features"]))
-    token = torch.arange(batch, dtype=torch.int64) % model.config.vocab_size  # (N,)
-    by_input = {"token": token, "h": state["h0"], "c": state["c0"],
-                "attention_keys": state["attention_keys"], "attention_values": state["attention_values"]}
-    args = tuple(by_input[name].clone() for name in names["inputs"])
-    _export(CachedStepGraph(model), args, names["inputs"], names["outputs"], path, opset,
-            rewrite=fold_input_projection)
+        if "attention_keys" in inputs:
+            state.update(model.attention_cache(state["features"]))
+    by_input = {STATE_FROM_ENCODER[k]: v for k, v in state.items()}
+    by_input["token"] = torch.arange(batch, dtype=torch.int64) % model.config.vocab_size  # (N,)
+    # Clones: attention's h0 and c0 are one tensor, and torch.export merges aliased inputs into one.
+    return tuple(by_input[name].clone() for name in inputs)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], path: Path, opset: int,

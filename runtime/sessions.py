@@ -313,7 +313,7 @@ class StepBuffers:
         # The public run_with_iobinding first checks for WebGPU graph capture on every call: 2 µs of
         # a 28 µs step (shipped model, batch 1). The binding's own session is called where it is there.
         native = getattr(session, "_sess", None)
-        options = ort.RunOptions()  # made once: without it each call makes its own
+        options = ort.RunOptions()  # one for every call
         if native is not None and all(hasattr(b, "_iobinding") for b in self._bindings):
             self._run, self._runs = native.run_with_iobinding, [(b._iobinding, options) for b in self._bindings]
         else:
