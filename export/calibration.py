@@ -16,7 +16,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from captool.errors import CaptoolError
-from captool.evaluate import load_eval_set
+from captool.evaluation import load_eval_set
 from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 
 from .validate import ExportError

@@ -72,7 +72,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Generator seed; the same seed gives the same files.")] = 0,
 ) -> None:
     """Write a procedurally generated dataset of shape scenes with reference captions and scene facts."""
-    from .synth import write_dataset
+    from captool.datasets.synth import write_dataset
 
     def progress(split: str, done: int, total: int) -> None:
         if total >= 1000 and (done % 1000 == 0 or done == total):
@@ -110,7 +110,7 @@ def eval_command(
     """
     with errors_to_exit():
         need("pycocoevalcap.bleu.bleu")
-        from .evaluate import evaluate, is_bundle, write_predictions
+        from captool.evaluation import evaluate, is_bundle, write_predictions
 
         if not is_bundle(model):
             need("torch")
@@ -147,8 +147,8 @@ def bench_command(
             need("captool.training")
         if plot is not None:
             need("matplotlib")
-        from .bench import bench, table
-        from .bench import plot as draw
+        from captool.benchmarks.bench import bench, table
+        from captool.benchmarks.bench import plot as draw
 
         report = bench(bundle, checkpoint, images=images, repeats=repeats, cold=cold,
                        cold_repeats=cold_repeats, threads=threads, image_dir=image_dir)

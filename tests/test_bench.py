@@ -17,8 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from captool import Captioner
-from captool.bench import FIGURES, bench, plot, table
-from captool.floor import graph_cost
+from captool.benchmarks.bench import FIGURES, bench, plot, table
+from captool.benchmarks.floor import graph_cost
 from captool.bundle import load_manifest
 from captool.cli import app
 from captool.errors import CaptoolError
@@ -29,7 +29,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def short_warmup(monkeypatch):
-    monkeypatch.setattr("captool.bench.WARMUP_S", 0.0)  # two untimed calls per figure are enough here
+    monkeypatch.setattr("captool.benchmarks.bench.WARMUP_S", 0.0)  # two untimed calls per figure are enough here
 RATES = {"matmul_flops": 20e9, "copy_bytes_per_s": 10e9}  # stand-ins: the tests do not time the machine
 
 
@@ -133,7 +133,7 @@ def test_runtime_only_bench_table_and_plot(tiny_bundle, tmp_path):
 
 
 def test_side_by_side_cli_json(tiny_bundle, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr("captool.bench.machine_rates", lambda: RATES)
+    monkeypatch.setattr("captool.benchmarks.bench.machine_rates", lambda: RATES)
     result = runner.invoke(app, ["bench", str(tiny_bundle("rnn")), "--checkpoint", str(tiny_checkpoint("rnn")),
                                  "--json", "--images", "2", "--repeats", "3", "--cold-repeats", "1"])
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captool.datasets import (Annotations, coco_annotations, find_dataset, image_folder, read_annotations,
+from captool.datasets.readers import (Annotations, coco_annotations, find_dataset, image_folder, read_annotations,
                               sibling)
 from captool.errors import CaptoolError
 
@@ -179,7 +179,7 @@ def test_malformed_files_are_one_line_errors(tmp_path, text, message):
 def test_reader_needs_no_torch(tmp_path):
     write_json(tmp_path / "dataset_coco.json", karpathy_doc())
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from captool.datasets import find_dataset, read_annotations\n"
+            "from captool.datasets.readers import find_dataset, read_annotations\n"
             f"print(len(read_annotations(find_dataset({str(tmp_path)!r}, 'val')).records))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from captool.cli import app
 from captool.errors import CaptoolError
-from captool.evaluate import evaluate, load_eval_set, score_captions
-from captool.facts import fact_accuracy, load_scenes
-from captool.synth import write_dataset
+from captool.evaluation import evaluate, load_eval_set, score_captions
+from captool.datasets.facts import fact_accuracy, load_scenes
+from captool.datasets.synth import write_dataset
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from captool.errors import CaptoolError
-from captool.facts import Claim, caption_matches_scene, fact_accuracy, load_scenes, parse_objects
-from captool.synth import captions, make_scene, write_dataset
+from captool.datasets.facts import Claim, caption_matches_scene, fact_accuracy, load_scenes, parse_objects
+from captool.datasets.synth import captions, make_scene, write_dataset
 
 
 def _scene(*objects: tuple[str, str]) -> dict:

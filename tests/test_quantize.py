@@ -287,7 +287,7 @@ def test_int8_without_calibration_images_names_the_option(checkpoint, tmp_path):
 
 
 def test_calibration_comes_from_a_dataset_split_or_the_recorded_training_data(checkpoint, tmp_path):
-    from captool.synth import write_dataset
+    from captool.datasets.synth import write_dataset
 
     data = tmp_path / "shapes"
     write_dataset(data, train=7, val=3, seed=1)

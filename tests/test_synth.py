@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from captool.cli import app
 from captool.errors import CaptoolError
-from captool.facts import caption_matches_scene
-from captool.synth import COLOURS, GENERATOR, SHAPES, VERSION, captions, make_scene, write_dataset
+from captool.datasets.facts import caption_matches_scene
+from captool.datasets.synth import COLOURS, GENERATOR, SHAPES, VERSION, captions, make_scene, write_dataset
 from captool.vocab import MAX_WORDS, Vocab, tokenize
 
 

@@ -24,7 +24,7 @@ TINY = ["--hidden-dim", "16", "--wordvec-dim", "16", "--backbone-width", "0.25",
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("captool.synth")
+    pytest.importorskip("captool.datasets.synth")
     out = tmp_path_factory.mktemp("data") / "synth"
     result = CliRunner().invoke(app, ["synth", str(out), "--train", "8", "--val", "2", "--seed", "3"])
     assert result.exit_code == 0, result.output

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from captool.datasets import (ImageRecord, Report, coco_annotations, find_dataset, read_annotations, read_coco,
+from captool.datasets.readers import (ImageRecord, Report, coco_annotations, find_dataset, read_annotations, read_coco,
                               read_json, sibling)
 from captool.errors import CaptoolError, ImageError
 from captool.preprocess import IMAGE_SIZE, preprocess

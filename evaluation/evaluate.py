@@ -24,11 +24,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .bundle import MANIFEST
-from .datasets import find_dataset, read_annotations
-from .errors import CaptoolError, ImageError
-from .preprocess import preprocess
-from .vocab import Vocab, tokenize
+from captool.bundle import MANIFEST
+from captool.datasets import find_dataset, read_annotations
+from captool.errors import CaptoolError, ImageError
+from captool.preprocess import preprocess
+from captool.vocab import Vocab, tokenize
 
 TOKENIZERS = ("auto", "ptb", "simple")
 METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
@@ -59,7 +59,7 @@ def open_model(path: str | Path, *, beam_size: int = 1, device: str = "auto",
     if beam_size < 1:
         raise CaptoolError(f"--beam-size must be >= 1, got {beam_size}")
     if is_bundle(path):
-        from .captioner import Captioner
+        from captool.captioner import Captioner
 
         captioner = Captioner(path, device=device, threads=threads)
         m = captioner.manifest
@@ -71,7 +71,7 @@ def open_model(path: str | Path, *, beam_size: int = 1, device: str = "auto",
     if beam_size != 1:
         raise CaptoolError("beam search runs on bundles only: the checkpoint side is the PyTorch model's own "
                            "greedy sample(); use --beam-size 1 to compare the two, or evaluate the bundle")
-    from .training import reference
+    from captool.training import reference
 
     model = reference.load_reference(path, threads)
     config = model.config
@@ -107,7 +107,7 @@ def _coco_pt(path: Path, split: str) -> EvalSet:
     """The course's coco.pt through training's loader (it needs torch to read the file)."""
     if split not in ("train", "val"):
         raise CaptoolError(f"{path}: coco.pt has the splits train and val, not {split!r}")
-    from .training.data import load_data
+    from captool.training.data import load_data
 
     data = load_data(path)
     part = data.train if split == "train" else data.val
@@ -305,7 +305,7 @@ def evaluate(model: str | Path, data: str | Path, *, split: str = "val", beam_si
     references = {i: evalset.references[i] for i in predictions}
     metrics, used = score_captions(predictions, references, tokenizer=tokenizer, meteor=meteor)
     if evalset.scenes is not None:
-        from .facts import fact_accuracy
+        from captool.datasets.facts import fact_accuracy
 
         metrics["fact_accuracy"] = fact_accuracy(predictions, evalset.scenes)
     return EvalReport(model=str(model), model_kind=sampler.kind, data=str(evalset.source),

@@ -2,7 +2,7 @@
 
 A scene holds one to three coloured shapes, each in its own column of a 3×3 grid, so "left to right"
 is always well defined. Every reference caption names every object with its colour and shape, which
-is what `captool.facts` checks model captions against. Everything is drawn from per-image numpy
+is what `captool.datasets.facts` checks model captions against. Everything is drawn from per-image numpy
 Generators derived from the seed, so the same seed writes byte-identical files.
 """
 
@@ -20,14 +20,14 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import CaptoolError
-from .preprocess import IMAGE_SIZE
-from .vocab import MAX_WORDS, Vocab, tokenize
+from captool.errors import CaptoolError
+from captool.preprocess import IMAGE_SIZE
+from captool.vocab import MAX_WORDS, Vocab, tokenize
 
 GENERATOR = "captool synth"
 VERSION = 1  # bump when the same seed would draw different scenes or captions
 
-# The words of the scene world; captool.facts parses captions with these same tables.
+# The words of the scene world; captool.datasets.facts parses captions with these same tables.
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
            "cross": "crosses"}

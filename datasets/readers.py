@@ -1,7 +1,7 @@
 """Captions datasets on disk, read without torch: the file `--data` names, and one record per image.
 
 `captool train` (captool.training.data turns the records into tensors) and `captool eval`
-(captool.evaluate scores against them) both read datasets here, so they find the same files:
+(captool.evaluation scores against them) both read datasets here, so they find the same files:
 
 - `--data` a `.json` file: COCO captions JSON (`{"images": [{"id", "file_name"}], "annotations":
   [{"image_id", "caption"}]}`) or Karpathy split JSON (`dataset_coco.json` style: `images` with
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import CaptoolError
-from .vocab import tokenize
+from captool.errors import CaptoolError
+from captool.vocab import tokenize
 
 FORMATS = ("the course's coco.pt, COCO captions JSON (a dataset folder or captions_*.json: images + "
            "annotations) or Karpathy split JSON (dataset_*.json)")

@@ -24,11 +24,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .decode import initial_state
-from .errors import CaptoolError
-from .evaluate import Sampler, open_model
+from captool.decode import initial_state
+from captool.errors import CaptoolError
+from captool.evaluation import Sampler, open_model
 from .floor import graph_cost, machine_rates, seconds_of
-from .preprocess import IMAGE_EXTENSIONS, preprocess
+from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 
 # name: (unit, scale from seconds or from the raw value, higher is better)
 FIGURES = {
@@ -111,7 +111,7 @@ def _side_calls(sampler: Sampler, images: np.ndarray, batch64: np.ndarray, max_l
     if sampler.kind == "bundle":
         c = sampler.model
         return _calls(c.generate, c.encode, partial(_runtime_step, c), images, batch64, start)
-    from .training.reference import bench_calls
+    from captool.training.reference import bench_calls
 
     torch_side = bench_calls(sampler.model, max_length)
     return _calls(torch_side["generate"], torch_side["encode"], lambda feeds: partial(torch_side["step"], feeds),
@@ -197,7 +197,7 @@ def bench_images(count: int, size: int, image_dir: Optional[Path] = None) -> np.
         if not files:
             raise CaptoolError(f"{image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return np.stack([preprocess(p, size) for p in files])
-    from .synth import generate
+    from captool.datasets.synth import generate
 
     return np.stack([preprocess(image, size) for image, _, _ in generate(0, "val", count)])  # (N,3,S,S)
 
@@ -303,7 +303,7 @@ def _machine(runtime: Sampler, pytorch: Optional[Sampler], rates: dict) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "providers": runtime.model.providers, **rates}
     if pytorch is not None:
-        from .training.reference import versions
+        from captool.training.reference import versions
 
         info.update(versions())
     return info

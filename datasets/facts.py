@@ -14,9 +14,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional
 
-from .errors import CaptoolError
+from captool.errors import CaptoolError
 from .synth import COLOURS, NUMBER_WORDS, PLURALS, SHAPES, SIZES
-from .vocab import tokenize
+from captool.vocab import tokenize
 
 _SHAPE_OF = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 
