@@ -26,8 +26,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"captool {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _commands() -> None:
+def _commands(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print captool's version and exit.")] = False,
+) -> None:
     # A callback keeps `captool synth ...` a subcommand even while only one command is registered
     # (typer otherwise runs a lone command as the whole program).
     pass
@@ -81,6 +92,153 @@ def synth(
     with errors_to_exit():
         summary = write_dataset(out, train=train, val=val, seed=seed, progress=progress)
     typer.echo(summary)
+
+
+@app.command("train")
+def train_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoint, training state, cached features.")],
+    data: Annotated[Optional[Path], typer.Option(
+        help="coco.pt, a COCO captions folder or JSON, or a Karpathy dataset_*.json (not needed with --resume).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the image files, when not beside the annotations.")] = None,
+    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, lstm or attention.")] = "rnn",
+    epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: up to this many).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Examples (image, caption) per step.")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_decay: Annotated[float, typer.Option(help="Learning rate factor per epoch (epoch e: lr * decay**e).")] = 1.0,
+    hidden_dim: Annotated[int, typer.Option(help="RNN hidden state size.")] = 512,
+    wordvec_dim: Annotated[int, typer.Option(help="Word vector size.")] = 256,
+    backbone: Annotated[str, typer.Option(
+        help="MobileNetV2 weights: imagenet (torchvision's cache), a state-dict file, or none (random, trained).")] = "imagenet",
+    backbone_width: Annotated[float, typer.Option(help="MobileNetV2 width multiplier (1.0 is the seed's).")] = 1.0,
+    train_backbone: Annotated[bool, typer.Option("--train-backbone", help="Train MobileNetV2 end to end too.")] = False,
+    overfit: Annotated[Optional[int], typer.Option(
+        help="Train on N examples only, the first caption of the first N images; with the seed's 80 epochs "
+             "and batch 50 unless given.")] = None,
+    min_count: Annotated[int, typer.Option(help="Words seen fewer times become <UNK> (JSON datasets).")] = 1,
+    one_caption_per_image: Annotated[bool, typer.Option(
+        "--one-caption-per-image",
+        help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
+    warmup_epochs: Annotated[int, typer.Option(
+        help="Epochs of concept-detector warm-up (caption words and word pairs) of the backbone before "
+             "captioning; the backbone is then frozen unless --train-backbone.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+) -> None:
+    """Train a captioner: a checkpoint per epoch in --out, resumable, stopped on a NaN loss."""
+    # Only the options given on the command line: with --resume the others come from the run itself.
+    # (Compared by name: typer vendors its own copy of click's ParameterSource.)
+    given = {name: str(value) if isinstance(value, Path) else value for name, value in ctx.params.items()
+             if name != "resume" and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    if overfit is not None and not resume:
+        seed_run = {k: v for k, v in (("epochs", 80), ("batch_size", min(50, overfit))) if k not in given}
+        if seed_run:
+            typer.echo(f"train: --overfit {overfit} with the seed's {seed_run}", err=True)
+        given.update(seed_run)
+    with errors_to_exit():
+        training = need("captool.training.train")
+        if resume:
+            config = training.resume_config(out, **given)
+        elif data is None:
+            raise fail("--data is required (except with --resume)")
+        else:
+            config = training.TrainConfig(**given)
+        run = training.TrainingRun(config, resume=resume)
+    with errors_to_exit(code=1):
+        result = run.fit()
+    typer.echo(result.summary())
+
+
+@app.command("export")
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(help="Checkpoint run directory (or its model.json) from `captool train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write; it appears only once validation passes.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset of both graphs (18 or higher).")] = 18,
+    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder "
+                                                        "(fp16/int8: validate on these real images).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32; fp16 (GPU bundle); int8 (CPU bundle: static QDQ encoder, "
+                                                "dynamic int8 decoder step).")] = "fp32",
+    calibration: Annotated[Optional[Path], typer.Option(help="int8: images to calibrate on, a folder or a dataset "
+                                                             "(its train split); default: the run's training data.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="fp16/int8: share of validation images whose caption "
+                                                                "must equal PyTorch's (default 0.98 fp16, 0.85 int8).")] = None,
+) -> None:
+    """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
+
+    Exit 0: bundle written; 1: validation failed (the table says where; nothing written); 2: usage or checkpoint error.
+    """
+    with errors_to_exit():
+        need("onnx")  # first, so that a box without torch and onnx is told the 'export' extra
+        export = need("captool.export")
+        try:
+            report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
+                                          precision=precision, calibration=calibration,
+                                          min_agreement=min_agreement)
+        except export.ExportError as e:
+            if e.report is None:
+                raise
+            typer.echo(e.report.table())
+            raise fail(str(e), code=1) from None
+    typer.echo(report.table())
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.iterdir()) if p.suffix == ".onnx")
+    typer.echo(f"export: wrote {out} ({sizes})")
+
+
+@app.command("verify")
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle directory to check.")],
+    checkpoint: Annotated[Path, typer.Option(help="The checkpoint run directory the bundle was exported from.")],
+    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as one JSON object.")] = False,
+) -> None:
+    """Prove a bundle equal to its checkpoint's PyTorch model: tensors within 1e-4, greedy tokens identical.
+
+    Exit 0: equal; 1: they differ (or the bundle is of another checkpoint); 2: usage, bundle or checkpoint error.
+    """
+    with errors_to_exit():
+        need("onnx")
+        export = need("captool.export")
+        report = export.verify_bundle(bundle, checkpoint, images=images)
+    typer.echo(json.dumps(report.to_json()) if as_json else report.table())
+    raise typer.Exit(code=0 if report.ok else 1)
+
+
+@app.command("run")
+def run_command(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, directories (searched recursively for image files) and globs.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(
+        help="Bundle directory (from `captool export`); default: the bundle shipped with captool.")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if it loads, else CPU), cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
+    beam_size: Annotated[int, typer.Option(min=1, help="Beam width; 1 is greedy decoding.")] = 1,
+    max_length: Annotated[Optional[int], typer.Option(
+        min=1, help="Most tokens per caption; default: the bundle's.", show_default=False)] = None,
+    length_penalty: Annotated[float, typer.Option(
+        min=0.0, help="Beam search length normalization alpha (GNMT's ((5+len)/6)**alpha); 0 is none.")] = 0.0,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input, in input order.")] = False,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads for the encoder (default: one per core).", show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log and the providers.")] = False,
+) -> None:
+    """Caption images on onnxruntime, no PyTorch needed. Exit 0: all captioned; 1: some input failed; 2: usage or bundle error."""
+    from .run import run_inputs
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"unknown --device {device!r}; use auto, cpu or cuda")
+    try:
+        with errors_to_exit():
+            code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
+                              max_length=max_length, length_penalty=length_penalty, threads=threads,
+                              as_json=json_lines, verbose=verbose)
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    except BrokenPipeError:  # `captool run ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        raise typer.Exit(code=0) from None
+    raise typer.Exit(code=code)
 
 
 @app.command(name="eval")
@@ -157,151 +315,19 @@ def bench_command(
     typer.echo(json.dumps(report) if as_json else table(report))
 
 
-@app.command("train")
-def train_command(
-    ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="Run directory: checkpoint, training state, cached features.")],
-    data: Annotated[Optional[Path], typer.Option(
-        help="coco.pt, a COCO captions folder or JSON, or a Karpathy dataset_*.json (not needed with --resume).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of the image files, when not beside the annotations.")] = None,
-    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, lstm or attention.")] = "rnn",
-    epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: up to this many).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Examples (image, caption) per step.")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    lr_decay: Annotated[float, typer.Option(help="Learning rate factor per epoch (epoch e: lr * decay**e).")] = 1.0,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden state size.")] = 512,
-    wordvec_dim: Annotated[int, typer.Option(help="Word vector size.")] = 256,
-    backbone: Annotated[str, typer.Option(
-        help="MobileNetV2 weights: imagenet (torchvision's cache), a state-dict file, or none (random, trained).")] = "imagenet",
-    backbone_width: Annotated[float, typer.Option(help="MobileNetV2 width multiplier (1.0 is the seed's).")] = 1.0,
-    train_backbone: Annotated[bool, typer.Option("--train-backbone", help="Train MobileNetV2 end to end too.")] = False,
-    overfit: Annotated[Optional[int], typer.Option(
-        help="Train on N examples only, the first caption of the first N images; with the seed's 80 epochs "
-             "and batch 50 unless given.")] = None,
-    min_count: Annotated[int, typer.Option(help="Words seen fewer times become <UNK> (JSON datasets).")] = 1,
-    one_caption_per_image: Annotated[bool, typer.Option(
-        "--one-caption-per-image",
-        help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
-    warmup_epochs: Annotated[int, typer.Option(
-        help="Epochs of concept-detector warm-up (caption words and word pairs) of the backbone before "
-             "captioning; the backbone is then frozen unless --train-backbone.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+@app.command("info")
+def info_command(
+    bundle: Annotated[Optional[Path], typer.Argument(
+        help="Bundle directory; default: the bundle shipped with captool.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the summary.")] = False,
 ) -> None:
-    """Train a captioner: a checkpoint per epoch in --out, resumable, stopped on a NaN loss."""
-    # Only the options given on the command line: with --resume the others come from the run itself.
-    # (Compared by name: typer vendors its own copy of click's ParameterSource.)
-    given = {name: str(value) if isinstance(value, Path) else value for name, value in ctx.params.items()
-             if name != "resume" and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-    if overfit is not None and not resume:
-        seed_run = {k: v for k, v in (("epochs", 80), ("batch_size", min(50, overfit))) if k not in given}
-        if seed_run:
-            typer.echo(f"train: --overfit {overfit} with the seed's {seed_run}", err=True)
-        given.update(seed_run)
+    """What a bundle is: cell, dimensions, vocabulary, precision, files and sizes, parity at export, providers here."""
+    from .info import bundle_info, info_text
+    from .run import default_bundle
+
     with errors_to_exit():
-        training = need("captool.training.train")
-        if resume:
-            config = training.resume_config(out, **given)
-        elif data is None:
-            raise fail("--data is required (except with --resume)")
-        else:
-            config = training.TrainConfig(**given)
-        run = training.TrainingRun(config, resume=resume)
-    with errors_to_exit(code=1):
-        result = run.fit()
-    typer.echo(result.summary())
-
-
-@app.command("run")
-def run_command(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Image files, directories (searched recursively for image files) and globs.", show_default=False)],
-    model: Annotated[Optional[Path], typer.Option(
-        help="Bundle directory (from `captool export`); default: the bundle shipped with captool.")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA if it loads, else CPU), cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 32,
-    beam_size: Annotated[int, typer.Option(min=1, help="Beam width; 1 is greedy decoding.")] = 1,
-    max_length: Annotated[Optional[int], typer.Option(
-        min=1, help="Most tokens per caption; default: the bundle's.", show_default=False)] = None,
-    length_penalty: Annotated[float, typer.Option(
-        min=0.0, help="Beam search length normalization alpha (GNMT's ((5+len)/6)**alpha); 0 is none.")] = 0.0,
-    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input, in input order.")] = False,
-    threads: Annotated[Optional[int], typer.Option(
-        min=1, help="CPU threads for the encoder (default: one per core).", show_default=False)] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log and the providers.")] = False,
-) -> None:
-    """Caption images on onnxruntime, no PyTorch needed. Exit 0: all captioned; 1: some input failed; 2: usage or bundle error."""
-    from .run import run_inputs
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise fail(f"unknown --device {device!r}; use auto, cpu or cuda")
-    try:
-        with errors_to_exit():
-            code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
-                              max_length=max_length, length_penalty=length_penalty, threads=threads,
-                              as_json=json_lines, verbose=verbose)
-    except KeyboardInterrupt:
-        raise fail("interrupted", 130) from None
-    except BrokenPipeError:  # `captool run ... | head`: the reader has what it wanted
-        sys.stderr.close()
-        raise typer.Exit(code=0) from None
-    raise typer.Exit(code=code)
-
-
-@app.command("export")
-def export_command(
-    run_dir: Annotated[Path, typer.Argument(help="Checkpoint run directory (or its model.json) from `captool train`.")],
-    out: Annotated[Path, typer.Option(help="Bundle directory to write; it appears only once validation passes.")],
-    opset: Annotated[int, typer.Option(help="ONNX opset of both graphs (18 or higher).")] = 18,
-    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder "
-                                                        "(fp16/int8: validate on these real images).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle at --out.")] = False,
-    precision: Annotated[str, typer.Option(help="fp32; fp16 (GPU bundle); int8 (CPU bundle: static QDQ encoder, "
-                                                "dynamic int8 decoder step).")] = "fp32",
-    calibration: Annotated[Optional[Path], typer.Option(help="int8: images to calibrate on, a folder or a dataset "
-                                                             "(its train split); default: the run's training data.")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option(help="fp16/int8: share of validation images whose caption "
-                                                                "must equal PyTorch's (default 0.98 fp16, 0.85 int8).")] = None,
-) -> None:
-    """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
-
-    Exit 0: bundle written; 1: validation failed (the table says where; nothing written); 2: usage or checkpoint error.
-    """
-    with errors_to_exit():
-        need("onnx")  # first, so that a box without torch and onnx is told the 'export' extra
-        export = need("captool.export")
-        try:
-            report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
-                                          precision=precision, calibration=calibration,
-                                          min_agreement=min_agreement)
-        except export.ExportError as e:
-            if e.report is None:
-                raise
-            typer.echo(e.report.table())
-            raise fail(str(e), code=1) from None
-    typer.echo(report.table())
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.iterdir()) if p.suffix == ".onnx")
-    typer.echo(f"export: wrote {out} ({sizes})")
-
-
-@app.command("verify")
-def verify_command(
-    bundle: Annotated[Path, typer.Argument(help="The bundle directory to check.")],
-    checkpoint: Annotated[Path, typer.Option(help="The checkpoint run directory the bundle was exported from.")],
-    images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as one JSON object.")] = False,
-) -> None:
-    """Prove a bundle equal to its checkpoint's PyTorch model: tensors within 1e-4, greedy tokens identical.
-
-    Exit 0: equal; 1: they differ (or the bundle is of another checkpoint); 2: usage, bundle or checkpoint error.
-    """
-    with errors_to_exit():
-        need("onnx")
-        export = need("captool.export")
-        report = export.verify_bundle(bundle, checkpoint, images=images)
-    typer.echo(json.dumps(report.to_json()) if as_json else report.table())
-    raise typer.Exit(code=0 if report.ok else 1)
+        info = bundle_info(bundle if bundle is not None else default_bundle())
+    typer.echo(json.dumps(info) if as_json else info_text(info))
 
 
 def main() -> None:
