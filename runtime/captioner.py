@@ -9,9 +9,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bundle import GRAPH_FILES, Manifest, cache_signature, graph_signature, load_manifest
+from .bundle import GRAPH_FILES, Manifest, load_manifest
 from .decode import Beams, beam_search, greedy, greedy_bound
-from .errors import BundleError, CaptoolError
+from .errors import CaptoolError
+from .graphs import check_sessions
 from .preprocess import ImageSource, preprocess
 from .sessions import (BoundStep, StepBuffers, attention_cache_wanted, create_session, io_binding_wanted, open_sessions,
                        set_verbose)
@@ -25,11 +26,6 @@ WIDE_BATCH = 32
 
 # Batch sizes whose bound step buffers are kept (a directory's last chunk is smaller than the rest).
 _KEPT_BUFFERS = 4
-
-# onnxruntime's type strings for the dtypes a bundle uses.
-_ORT_DTYPES = {"tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(float)": "float32",
-               "tensor(float16)": "float16"}
-
 
 @dataclass(frozen=True)
 class Caption:
@@ -81,7 +77,7 @@ class Captioner:
         if self.notice:
             log.info(self.notice)
         self.providers: list[str] = self._decoder.get_providers()
-        self._check_graphs()
+        check_sessions(self.manifest, sessions)
         self._encoder_outputs = [o.name for o in self._encoder.get_outputs()]
         self._cache_outputs = [o.name for o in self._cache.get_outputs()] if self._cache else []
         self._step_inputs = [i.name for i in self._decoder.get_inputs()]
@@ -96,62 +92,6 @@ class Captioner:
     def step_path(self) -> Path:
         """The decoder step graph this Captioner decodes with (decoder_step.onnx or decoder_step_cached.onnx)."""
         return self._step_path
-
-    # --- checks made at load, each with its own message -------------------------------------
-
-    def _check_graphs(self) -> None:
-        m = self.manifest
-        want = {**graph_signature(m.cell_type), **cache_signature()}
-        promised = m.raw.get("graphs", {})
-        checked = [("encoder", self._encoder), (self.step_graph, self._decoder)]
-        if self._cache is not None:
-            checked.append(("attention_cache", self._cache))
-        for graph, sess in checked:
-            got = {"inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()]}
-            for side in ("inputs", "outputs"):
-                if sorted(got[side]) != sorted(want[graph][side]):
-                    raise BundleError(
-                        f"{m.root}: {graph}.onnx has {side} {got[side]}, but a {m.cell_type} bundle needs "
-                        f"{want[graph][side]}; the graph does not fit the manifest's cell type, re-export the bundle"
-                    )
-                names = [_name(e) for e in promised.get(graph, {}).get(side, [])]
-                if names and sorted(names) != sorted(got[side]):
-                    raise BundleError(
-                        f"{m.root}: the manifest promises {graph} {side} {names} but {graph}.onnx has "
-                        f"{got[side]}; the bundle is inconsistent, re-export it"
-                    )
-        self._check_io(self._encoder.get_inputs()[0], "encoder", "uint8", ["N", 3, m.image_size, m.image_size])
-        for arg in self._decoder.get_inputs():
-            if arg.name == "token":
-                self._check_io(arg, self.step_graph, "int64", ["N"])
-            elif arg.name in ("h", "c"):
-                self._check_io(arg, self.step_graph, None, ["N", m.hidden_dim])
-        logits = next(o for o in self._decoder.get_outputs() if o.name == "logits")
-        width = logits.shape[-1] if isinstance(logits.shape[-1], int) else self._probe_logits_width()
-        if width != len(self.vocab):
-            raise BundleError(
-                f"{m.root}: {self.step_graph} gives {width} logits but the manifest's vocabulary has "
-                f"{len(self.vocab)} tokens; the bundle is inconsistent, re-export it"
-            )
-
-    def _check_io(self, arg, graph: str, dtype: Optional[str], shape: list) -> None:
-        got_dtype = _ORT_DTYPES.get(arg.type, arg.type)
-        if dtype is not None and got_dtype != dtype:
-            raise BundleError(f"{self.manifest.root}: {graph} input '{arg.name}' is {got_dtype}, the bundle "
-                              f"format needs {dtype}; re-export the bundle")
-        fixed = [(i, d) for i, d in enumerate(shape) if isinstance(d, int)]
-        if len(arg.shape) != len(shape) or any(isinstance(arg.shape[i], int) and arg.shape[i] != d for i, d in fixed):
-            raise BundleError(f"{self.manifest.root}: {graph} input '{arg.name}' has shape {arg.shape}, the "
-                              f"manifest says {shape}; the bundle is inconsistent, re-export it")
-
-    def _probe_logits_width(self) -> int:
-        """The logits width when the graph leaves it symbolic: one decoder step on a zero state."""
-        feeds = {}
-        for arg in self._decoder.get_inputs():
-            dims = [1 if not isinstance(d, int) else d for d in arg.shape]
-            dtype = np.int64 if arg.name == "token" else np.dtype(_ORT_DTYPES.get(arg.type, "float32"))
-            feeds[arg.name] = np.zeros(dims, dtype=dtype)
-        return int(self.step(feeds)["logits"].shape[-1])
 
     # --- the graphs --------------------------------------------------------------------------
 
@@ -255,6 +195,3 @@ class Captioner:
                 out.append(self.to_caption(row, str(im) if isinstance(im, (str, Path)) else None))
         return out
 
-
-def _name(entry) -> str:
-    return entry["name"] if isinstance(entry, dict) else str(entry)
