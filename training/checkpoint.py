@@ -1,10 +1,12 @@
 """Checkpoints: weights in model.safetensors, architecture + vocabulary in model.json, no pickle anywhere.
 
-A save never leaves a run directory without a loadable checkpoint. Both files are written in full
-to temporary files first; model.json is the commit point and records the sha256 of its weights.
-Before the weights file is replaced, the previous one is kept as model.prev.safetensors, so a crash
-between the two renames (new weights, old model.json) still loads the previous checkpoint, whose
-hash model.json names. The backup is removed once model.json is in place.
+A save never leaves a directory without a loadable checkpoint. Each file is written through
+`captool.files.atomic_write` (a temporary file, fsynced, renamed); model.json is the commit point and
+records the sha256 of its weights. Before the weights file is replaced, the previous one is kept as
+model.prev.safetensors, so a crash between the two renames (new weights, old model.json) still loads
+the previous checkpoint, whose hash model.json names. The backup is removed once model.json is in place.
+A training run's directory installs whole epochs from a staged set (training/run_state.py); while one is
+being installed, the weights model.json names may still be in that set, and are read from there.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from captool.bundle import sha256_file
+from captool.files import atomic_write, read_versioned, write_json
 
 from .errors import TrainingError
 from .model import CaptioningRNN, ModelConfig
@@ -30,31 +32,7 @@ CONFIG = "model.json"
 PREVIOUS_WEIGHTS = "model.prev.safetensors"
 FORMAT = "captool-checkpoint"
 FORMAT_VERSION = 1
-
-
-def _write_temp(run_dir: Path, name: str, write) -> Path:
-    """Write a file in full (and to disk) under a temporary name beside its final one."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is as readable as any other file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # renames are durable only once the directory is synced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+STAGED = ".epoch-*"  # epochs committed but not yet installed in a run directory (run_state.py)
 
 
 def save_checkpoint(model: CaptioningRNN, run_dir: str | os.PathLike, **extra: Any) -> Path:
@@ -72,39 +50,33 @@ def save_checkpoint(model: CaptioningRNN, run_dir: str | os.PathLike, **extra: A
         raise TrainingError(f"checkpoint metadata must be JSON-serializable: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-    tmp_weights = _write_temp(run_dir, WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    tmp_config = None
+    weights, backup = run_dir / WEIGHTS, run_dir / PREVIOUS_WEIGHTS
+    if weights.is_file() and (run_dir / CONFIG).is_file():
+        backup.unlink(missing_ok=True)
+        try:
+            os.link(weights, backup)  # the old weights stay reachable under a second name
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(weights, backup)
+    replaced = False
     try:
+        atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        replaced = True
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "idx_to_token": list(model.idx_to_token),
-            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp_weights), "bytes": tmp_weights.stat().st_size},
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
             "tools": {"torch": torch.__version__, "captool": _captool_version()},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "extra": extra_json,
         }
-        text = json.dumps(meta, indent=1) + "\n"
-        tmp_config = _write_temp(run_dir, CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
-
-        weights, backup = run_dir / WEIGHTS, run_dir / PREVIOUS_WEIGHTS
-        if weights.is_file() and (run_dir / CONFIG).is_file():
-            backup.unlink(missing_ok=True)
-            try:
-                os.link(weights, backup)  # the old weights stay reachable under a second name
-            except OSError:  # no hard links on this file system
-                shutil.copyfile(weights, backup)
-        os.replace(tmp_weights, weights)
-        os.replace(tmp_config, run_dir / CONFIG)  # the commit point
-        backup.unlink(missing_ok=True)
-        _fsync_dir(run_dir)
+        write_json(run_dir / CONFIG, meta, indent=1)  # the commit point
     except BaseException:
-        tmp_weights.unlink(missing_ok=True)
-        if tmp_config is not None:
-            tmp_config.unlink(missing_ok=True)
+        if not replaced:  # the old pair is intact: no backup needed
+            backup.unlink(missing_ok=True)
         raise
+    backup.unlink(missing_ok=True)
     return run_dir / CONFIG
 
 
@@ -128,33 +100,29 @@ def _run_dir(path: str | os.PathLike) -> Path:
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """model.json of a checkpoint, checked for format and version (no weights are read)."""
     config_path = _run_dir(path) / CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():
         raise TrainingError(f"{config_path.parent} has no {CONFIG}: not a captool checkpoint (write one with `captool train`)")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainingError(f"{config_path}: not valid JSON ({e}); the checkpoint is damaged, save or train it again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TrainingError(f"{config_path}: not a captool checkpoint (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TrainingError(
-            f"{config_path}: checkpoint format version {meta.get('format_version')!r}, this captool reads "
-            f"version {FORMAT_VERSION}; use the captool that wrote it"
-        )
-    for key in ("config", "idx_to_token", "weights"):
-        if key not in meta:
-            raise TrainingError(f"{config_path}: has no '{key}'; the checkpoint is damaged, save or train it again")
+    meta = read_versioned(config_path, FORMAT, FORMAT_VERSION, error=TrainingError, what="captool checkpoint",
+                          key="format_version", fix="the checkpoint is damaged, save or train it again")
+    for key, kind in (("config", dict), ("idx_to_token", list), ("weights", dict), ("extra", dict)):
+        if not isinstance(meta.get(key, {} if key == "extra" else None), kind):
+            raise TrainingError(f"{config_path}: '{key}' is missing or not a JSON {kind.__name__}; the checkpoint "
+                                f"is damaged, save or train it again")
     return meta
 
 
 def _verified_weights(run_dir: Path, meta: dict) -> Path:
-    """The weights file whose sha256 model.json records: model.safetensors, or the backup after a crash."""
+    """The weights file whose sha256 model.json records: model.safetensors, the backup after a crash,
+    or the staged epoch being installed right now."""
     weights = run_dir / WEIGHTS
     expected = meta["weights"].get("sha256")
-    if not weights.is_file():
+    staged = sorted(run_dir.glob(f"{STAGED}/{WEIGHTS}"))
+    if not weights.is_file() and not staged:
         raise TrainingError(f"{run_dir} has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete, save or train it again")
-    if sha256_file(weights) == expected:
-        return weights
+    # Looked at again last: an install in progress may move the staged file to the top meanwhile.
+    for candidate in (weights, *staged, weights):
+        if candidate.is_file() and sha256_file(candidate) == expected:
+            return candidate
     backup = run_dir / PREVIOUS_WEIGHTS
     if backup.is_file() and sha256_file(backup) == expected:
         warnings.warn(
@@ -182,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike) -> CaptioningRNN:
     try:
         config = ModelConfig.from_dict(meta["config"])
         model = CaptioningRNN.from_config(config, list(meta["idx_to_token"]))
-    except (TrainingError, TypeError) as e:
+    except (TrainingError, TypeError, ValueError, KeyError) as e:
         raise TrainingError(f"{config_path}: bad model description: {e}") from None
     weights = _verified_weights(run_dir, meta)
     try:

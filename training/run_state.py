@@ -1,41 +1,85 @@
-"""The run directory's files beside the checkpoint: what --resume needs (Adam, RNG, epoch) and cached features.
+"""The run directory's files beside the checkpoint: what --resume needs (Adam, RNG, epoch), committed a whole epoch at a time.
 
 optimizer.safetensors holds Adam's per-parameter tensors as `state.<param id>.<name>` and the torch
 RNG states as `rng.torch` / `rng.cuda` (uint8); train_state.json holds everything else (the
 TrainConfig, the epoch counter, the history, Adam's param groups). No pickle: both are plain data.
+
+An epoch's set (model.safetensors, model.json, optimizer.safetensors, train_state.json) is written
+in full into `.epoch-NNNN.XXXXXXXX.tmp/` and committed by renaming that directory to `.epoch-NNNN/`,
+one atomic step; the files are then moved to the top of the run directory and the empty directory
+removed. `open_run` (under the run's lock) finishes a committed epoch a kill interrupted and removes
+what an uncommitted one left, so an interruption at any point leaves the last committed epoch whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from captool.bundle import sha256_file
+from captool.files import atomic_write, fsync_dir, make_temp_dir, read_versioned, write_json
 
-from .checkpoint import read_checkpoint_metadata
+from .checkpoint import CONFIG, WEIGHTS, read_checkpoint_metadata, save_checkpoint
 from .errors import TrainingError
 
 STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE_FORMAT = "captool-train-state"
 STATE_VERSION = 1
+# model.json first: while it names the new weights, a reader finds them in the staged set (checkpoint.py).
+INSTALL_ORDER = (CONFIG, WEIGHTS, OPTIMIZER, STATE)
 
 
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _staged(run_dir: Path, epoch: int) -> Path:
+    return run_dir / f".epoch-{epoch:04d}"
+
+
+def open_run(run_dir: Path) -> None:
+    """Make the run directory whole again after a kill: call it holding the run's lock.
+
+    A committed epoch is installed (its files moved to the top); an uncommitted one (a `.tmp`
+    directory) and the temporary files of an interrupted write are removed.
+    """
+    for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("features/.*.tmp")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    for staged in sorted(run_dir.glob(".epoch-[0-9][0-9][0-9][0-9]")):
+        install(run_dir, staged)
+
+
+def install(run_dir: Path, staged: Path) -> None:
+    """Move a committed epoch's files to the top of the run directory; repeating it is harmless."""
+    for name in INSTALL_ORDER:
+        with contextlib.suppress(FileNotFoundError):  # moved already, by an install a kill interrupted
+            os.replace(staged / name, run_dir / name)
+    fsync_dir(run_dir)
+    with contextlib.suppress(OSError):
+        staged.rmdir()
+
+
+def save_epoch(run_dir: Path, model, config, epoch: int, history: list[dict], optimizer: torch.optim.Optimizer,
+               device: torch.device) -> None:
+    """Commit the checkpoint, Adam's state and the RNG states after `epoch` as one set."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    building = make_temp_dir(_staged(run_dir, epoch))
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        save_checkpoint(model, building, epoch=epoch)
+        write_state(building, config, epoch, history, optimizer, device)
+        fsync_dir(building)
+        os.rename(building, _staged(run_dir, epoch))  # the commit point
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(building, ignore_errors=True)
         raise
+    fsync_dir(run_dir)
+    install(run_dir, _staged(run_dir, epoch))
 
 
 def write_state(run_dir: Path, config, epoch: int, history: list[dict], optimizer: torch.optim.Optimizer,
@@ -56,50 +100,52 @@ def write_state(run_dir: Path, config, epoch: int, history: list[dict], optimize
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in saved["param_groups"]]
-    _atomic(run_dir / OPTIMIZER, lambda p: save_file(tensors, str(p)))
+    atomic_write(run_dir / OPTIMIZER, lambda p: save_file(tensors, str(p)))
     state = {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch, "config": asdict(config),
              "history": history, "optimizer": {"file": OPTIMIZER, "sha256": sha256_file(run_dir / OPTIMIZER),
                                                "param_groups": groups, "scalars": scalars}}
-    _atomic(run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8"))
+    write_json(run_dir / STATE, state, indent=1)
 
 
 def read_state(run_dir: Path) -> dict:
     """train_state.json, checked against the checkpoint it goes with."""
     path = run_dir / STATE
-    if not path.is_file():
-        raise TrainingError(f"{run_dir} has no {STATE}: there is no run to resume; start it without --resume")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainingError(f"{path}: not valid JSON ({e}); the run cannot be resumed, start a new one") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-        raise TrainingError(f"{path}: not a captool training state of version {STATE_VERSION}")
+    state = read_versioned(path, STATE_FORMAT, STATE_VERSION, error=TrainingError, what="training state",
+                           fix="there is no run to resume: start it without --resume" if not path.exists()
+                           else "the run cannot be resumed: start a new one with another --out")
+    shapes = {"epoch": int, "config": dict, "history": list, "optimizer": dict}
+    wrong = [k for k, kind in shapes.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if wrong or not all(isinstance(state["optimizer"].get(k), kind) for k, kind in
+                        (("file", str), ("sha256", str), ("param_groups", list), ("scalars", dict))):
+        raise TrainingError(f"{path}: {', '.join(wrong) or 'optimizer'} missing or of the wrong type; the run "
+                            f"cannot be resumed: start a new one with another --out")
     model_epoch = read_checkpoint_metadata(run_dir).get("extra", {}).get("epoch")
     if model_epoch != state["epoch"]:
         raise TrainingError(f"{run_dir}: the checkpoint is of epoch {model_epoch} but {STATE} of epoch "
-                            f"{state['epoch']} (a save was interrupted); an exact resume is impossible, start a new run")
+                            f"{state['epoch']}: the files were changed by hand; start a new run with another --out")
     return state
 
 
 def restore_optimizer(run_dir: Path, state: dict, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Load Adam's state saved by write_state into `optimizer`; returns the saved RNG states."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index, path = state["optimizer"], run_dir / state["optimizer"]["file"]
-    if not path.is_file() or sha256_file(path) != index["sha256"]:
+    index, path = state["optimizer"], run_dir / OPTIMIZER
+    if index["file"] != OPTIMIZER or not path.is_file() or sha256_file(path) != index["sha256"]:
         raise TrainingError(f"{path} is missing or not the file {STATE} names; the run cannot be resumed exactly")
-    tensors = load_file(str(path), device="cpu")
-    param_state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *index["scalars"].items()]:
-        if key.startswith("state."):
-            _, param_id, name = key.split(".", 2)
-            param_state.setdefault(int(param_id), {})[name] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in index["param_groups"]]
     try:
+        tensors = load_file(str(path), device="cpu")
+        param_state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *index["scalars"].items()]:
+            if key.startswith("state."):
+                _, param_id, name = key.split(".", 2)
+                param_state.setdefault(int(param_id), {})[name] = value
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in index["param_groups"]]
         optimizer.load_state_dict({"state": param_state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
+        return {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")}
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise TrainingError(f"{path} does not fit this model's parameters ({e}); start a new run") from None
-    return {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")}
 
 
 def feature_key(images: torch.Tensor, extractor: torch.nn.Module, device: torch.device) -> str:
@@ -118,7 +164,8 @@ def feature_key(images: torch.Tensor, extractor: torch.nn.Module, device: torch.
 def save_features(path: Path, features: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    _atomic(path, lambda p: save_file({"features": features.detach().to("cpu").contiguous()}, str(p)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: save_file({"features": features.detach().to("cpu").contiguous()}, str(p)))
 
 
 def load_features(path: Path) -> torch.Tensor | None:

@@ -6,14 +6,18 @@ A run directory holds:
   train_state.json                the TrainConfig, the epoch counter, the per-epoch history and
                                   the index of optimizer.safetensors
   features/                       frozen-backbone features, keyed by a hash of images and backbone
-Nothing in it is pickled. Epoch e's data order comes from a generator seeded with (seed, e) and the
+Nothing in it is pickled. The four files of an epoch are committed together (training/run_state.py):
+a kill or Ctrl-C at any moment leaves the last committed epoch whole, and the next `captool train
+--out DIR --resume` continues from it. A run holds a lock on its directory while it works. Epoch e's data order comes from a generator seeded with (seed, e) and the
 learning rate of epoch e is lr * lr_decay**e (the seed's LambdaLR, written out), so the epoch
 counter plus Adam's state is all a resumed run needs to continue exactly as an unbroken one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -21,14 +25,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torchvision.models._utils import _make_divisible
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from captool.files import lock
+
+from .checkpoint import load_checkpoint
 from .data import CaptionSplit, load_data
 from .warmup import warm_up_backbone
 from .errors import TrainingError
 from .model import CELL_TYPES, CaptioningRNN
-from .run_state import feature_key, load_features, read_state, restore_optimizer, save_features, write_state
+from .run_state import STATE, feature_key, load_features, open_run, read_state, restore_optimizer, save_epoch, save_features
 
 Log = Callable[[str], None]
 
@@ -89,9 +94,30 @@ class TrainConfig:
 RESUMABLE = ("data", "images", "out", "epochs", "device", "cache_features")
 
 
+def _in_use(run_dir: Path) -> TrainingError:
+    return TrainingError(f"{run_dir} is in use by another `captool train`: wait for it to finish, or choose "
+                         f"another --out")
+
+
+def read_run(run_dir: Path) -> dict:
+    """The run's train_state.json, after finishing or clearing what an interrupted save left."""
+    if run_dir.is_dir():
+        with lock(run_dir, _in_use(run_dir)):
+            open_run(run_dir)
+    return read_state(run_dir)
+
+
+def saved_config(run_dir: Path, state: dict) -> TrainConfig:
+    try:
+        return TrainConfig(**state["config"])
+    except (TypeError, TrainingError) as e:
+        raise TrainingError(f"{run_dir / STATE}: field 'config' is not a training configuration ({e}); "
+                            f"the run cannot be resumed: start a new one with another --out") from None
+
+
 def resume_config(run_dir, **given) -> TrainConfig:
     """The run's own settings, with `given` ones applied: only those in RESUMABLE may differ."""
-    saved = TrainConfig(**read_state(Path(run_dir))["config"])
+    saved = saved_config(Path(run_dir), read_run(Path(run_dir)))
     for name, value in given.items():
         if name not in RESUMABLE and value != getattr(saved, name):
             raise TrainingError(f"{run_dir} was trained with {name}={getattr(saved, name)!r}, not {value!r}: "
@@ -151,6 +177,24 @@ class TrainingRun:
             config = replace(config, train_backbone=True)
         self.config, self.log, self.run_dir = config, log, Path(config.out)
         self.device = resolve_device(config.device)
+        if not resume:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrainingError(f"--out {self.run_dir}: cannot create the run directory ({e.strerror or e}); "
+                                    f"choose another --out") from None
+        self._held = contextlib.ExitStack()  # the run's lock, released when fit ends
+        if self.run_dir.is_dir():
+            self._held.enter_context(lock(self.run_dir, _in_use(self.run_dir)))
+            open_run(self.run_dir)
+        try:
+            self._setup(config, resume)
+        except BaseException:
+            self._held.close()
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool) -> None:
+        log = self.log
         state = self._resume_state() if resume else self._check_new_run()
         self.epoch = state["epoch"] if state else 0
         self.history: list[dict] = state["history"] if state else []
@@ -192,7 +236,7 @@ class TrainingRun:
 
     def _resume_state(self) -> dict:
         state = read_state(self.run_dir)
-        saved = TrainConfig(**state["config"])
+        saved = saved_config(self.run_dir, state)
         differ = [f.name for f in fields(TrainConfig) if f.name not in RESUMABLE
                   and getattr(saved, f.name) != getattr(self.config, f.name)]
         if differ:
@@ -260,6 +304,10 @@ class TrainingRun:
         return self.model(split.images[images].to(self.device), captions)
 
     def fit(self) -> TrainResult:
+        with self._held:  # the run directory stays locked until the last save
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         c, progress = self.config, Progress()
         if self.epoch >= c.epochs:
             self.log(f"{self.run_dir} has trained {self.epoch} epochs already (--epochs {c.epochs}): nothing to do")
@@ -280,8 +328,7 @@ class TrainingRun:
             self.epoch += 1
             self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
                                  "samples_per_s": rate, "lr": lr})
-            write_state(self.run_dir, self.config, self.epoch, self.history, self.optimizer, self.device)
-            save_checkpoint(self.model, self.run_dir, epoch=self.epoch)
+            save_epoch(self.run_dir, self.model, self.config, self.epoch, self.history, self.optimizer, self.device)
             val = f"  val loss {val_loss:.4f}" if val_loss is not None else ""
             progress.epoch(f"epoch {self.epoch}/{c.epochs}  train loss {train_loss:.4f}{val}  "
                            f"{rate:.0f} samples/s  lr {lr:.2e}")
@@ -346,6 +393,23 @@ def epoch_rows(split: CaptionSplit, one_caption_per_image: bool, generator: torc
     best = torch.full((split.images.shape[0],), 2.0).scatter_reduce(0, split.image_idx, keys, reduce="amin")
     chosen = torch.nonzero(keys == best[split.image_idx]).flatten()  # (M,) one row per image
     return chosen[torch.randperm(len(chosen), generator=generator)]
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    """MobileNetV2's channel rounding: to a multiple of `divisor`, never down by more than 10%."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def interrupted(out) -> str:
+    """The line `captool train` prints on Ctrl-C: which epoch is saved and the command that resumes."""
+    run_dir = Path(out)
+    try:
+        epoch = read_run(run_dir)["epoch"]
+    except (TrainingError, OSError):
+        return f"interrupted before an epoch was saved in {run_dir}: nothing to resume; run the same command again"
+    return (f"interrupted: epoch {epoch} is saved in {run_dir}; resume with: "
+            f"captool train --out {shlex.quote(str(run_dir))} --resume")
 
 
 def train(config: TrainConfig, *, resume: bool = False, log: Log = log_stderr) -> TrainResult:
