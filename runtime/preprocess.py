@@ -6,7 +6,9 @@ pixels outside the graph is in this file, and the manifest names the policy (`RE
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -21,6 +23,12 @@ RESIZE_POLICY = "shorter-side-bilinear-center-crop"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# The Pillow plugins a file may be decoded by, whatever its name: the formats of IMAGE_EXTENSIONS and
+# no others (no EPS, which hands the file to Ghostscript, nor any plugin a user did not ask for).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+# The longer side may be at most this many times the shorter: the resize's intermediate image is
+# (ratio × size²) pixels, so a 1,000,000×1 file would otherwise ask for ~37 GB however small it is.
+MAX_ASPECT_RATIO = 100
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -65,27 +73,80 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _open(path: Path) -> Image.Image:
-    """Decode a file's first frame fully (so the file is closed), or raise ImageError saying why."""
-    name = str(path)
-    if not path.exists():
-        raise ImageError(f"{name}: no such file")
-    if path.is_dir():
+_NOT_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError) or e.errno == errno.ENOTDIR:
+        return "no such file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if e.errno == errno.ENAMETOOLONG:
+        return "file name too long for this system (ENAMETOOLONG); rename or move it"
+    if e.errno == errno.ELOOP:
+        return "too many levels of symbolic links (a link loop)"
+    return f"cannot open ({e.strerror or type(e).__name__})"
+
+
+def _check_regular(st: os.stat_result, name: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{name}: is a directory, not an image (pass the files, or the directory to `captool run`)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((what for test, what in _NOT_FILES if test(st.st_mode)), "not a regular file")
+        raise ImageError(f"{name}: is {kind}, not an image file; captool reads regular files only")
+
+
+def _check_shape(width: int, height: int, name: str) -> None:
+    if min(width, height) < 1:
+        raise ImageError(f"{name}: image is {width}×{height} pixels, nothing to caption")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"{name}: image is {width}×{height} pixels, a side more than {MAX_ASPECT_RATIO} times "
+                         f"the other; crop it to a less extreme shape first")
+
+
+def _open(path: Path) -> Image.Image:
+    """Decode a regular file's first frame fully (so the file is closed), or raise ImageError saying why.
+
+    The path is stat'ed before it is opened, so a FIFO, device or socket is refused without opening
+    it (which could block or act on a device); O_NONBLOCK and a second check on the open descriptor
+    close the race with a file swapped in between.
+    """
+    name = str(path)
+    try:
+        st = os.stat(path)
+        _check_regular(st, name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise ImageError(f"{name}: {_os_reason(e)}") from None
+    except ValueError:  # a NUL byte in the name
+        raise ImageError(f"{name}: no such file (the name holds a NUL byte)") from None
+    with os.fdopen(fd, "rb") as file:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            _check_regular(opened, name)
+        return _decode(file, name)
+
+
+def _decode(file, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error either way.
             # (catch_warnings swaps a process-wide filter list: fine for captool's one loader thread.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(file, formats=IMAGE_FORMATS) as img:
+                _check_shape(*img.size, name)  # from the header, before any pixel is decoded
                 img.seek(0)  # animated GIF/PNG/WebP: the first frame
                 img.load()
                 # EXIF is read from the file here; the transposed copy outlives the closed file.
                 return _upright(img)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{name}: refused as a decompression bomb ({_one_line(e)})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image file Pillow can read") from None
+        raise ImageError(f"{name}: not an image file captool reads (JPEG, PNG, BMP, GIF, WebP, TIFF, "
+                         f"PPM/PGM)") from None
     except PermissionError:
         raise ImageError(f"{name}: permission denied") from None
     except Exception as e:  # truncated data and Pillow's decoders' many other complaints
@@ -125,6 +186,7 @@ def resize_crop(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
     w, h = img.size
     if (w, h) == (size, size):
         return img
+    _check_shape(w, h, "image")
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.BILINEAR)

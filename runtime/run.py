@@ -7,27 +7,33 @@ while the inputs around it are still captioned, in input order.
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import importlib.util
 import json
 import os
 import queue
+import stat
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence
+from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .bundle import MANIFEST
-from .errors import BundleError, ImageError
-from .preprocess import IMAGE_EXTENSIONS, preprocess
+from .errors import BundleError, CaptoolError, ImageError
+from .inputs import Item, expand_inputs
+from .preprocess import _one_line, preprocess
 
 DEFAULT_BUNDLE = "shapes-attention"
 PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
-_GLOB_CHARS = set("*?[")
+OUTPUT_ERROR_EXIT = 3  # `captool run`'s exit status when the records cannot be written
+
+
+class OutputError(CaptoolError):
+    """The records cannot be written (a full disk, a closed or read-only stdout)."""
 
 
 def default_bundle() -> Path:
@@ -56,40 +62,6 @@ def default_bundle() -> Path:
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise BundleError(f"no --model given and no default bundle found (looked in {looked}); pass --model "
                       f"BUNDLE (a directory written by `captool export`) or set CAPTOOL_MODEL")
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input as the user will see it: a path, or a path with the reason it gives no image."""
-
-    path: str
-    error: Optional[str] = None
-
-
-def _directory_images(root: Path) -> list[str]:
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return [str(p) for p in sorted(found, key=lambda p: p.relative_to(root).parts)]
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Item]:
-    """INPUTs as items, in the order given: files as they are, directories as their image files
-    (recursively, sorted), globs as their matches (sorted; for shells that do not expand them).
-    A directory without images or a glob without matches is an item with an error."""
-    items: list[Item] = []
-    for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            found = _directory_images(path)
-            items += [Item(p) for p in found] or [Item(arg, f"{arg}: no image files in this directory")]
-        elif path.exists() or not (_GLOB_CHARS & set(arg)):
-            items.append(Item(arg))  # a missing path still gets its record, from the loader
-        else:
-            matches = sorted(glob.glob(arg, recursive=True))
-            if not matches:
-                items.append(Item(arg, f"{arg}: no files match this pattern"))
-            for match in matches:
-                items += [Item(p) for p in _directory_images(Path(match))] if Path(match).is_dir() else [Item(match)]
-    return items
 
 
 @dataclass
@@ -160,6 +132,19 @@ def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int =
         thread.join(timeout=5)
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for the records: a file name's bytes that are not UTF-8 (which Python
+    holds as the surrogates U+DC80..U+DCFF) are written as the four characters `\\xHH`."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else
+                       f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
 @dataclass(frozen=True)
 class Record:
     """One output line: a caption, or the reason there is none."""
@@ -171,28 +156,34 @@ class Record:
 
     def to_json(self) -> str:
         if self.error is not None:
-            return json.dumps({"path": self.path, "error": self.error}, ensure_ascii=False)
-        return json.dumps({"path": self.path, "caption": self.caption, "tokens": self.tokens}, ensure_ascii=False)
+            return json.dumps({"path": printable(self.path), "error": printable(self.error)}, ensure_ascii=False)
+        return json.dumps({"path": printable(self.path), "caption": printable(self.caption), "tokens": self.tokens},
+                          ensure_ascii=False)
 
     def to_text(self) -> str:
-        return f"{self.path}\t{self.caption}"
+        # A tab or newline in a name would break the two columns: written as \t, \n, \r.
+        path = printable(self.path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        return f"{path}\t{printable(self.caption)}"
 
 
 def caption_items(captioner, items: Sequence[Item], *, batch_size: int = 32, beam_size: int = 1,
                   max_length: Optional[int] = None, length_penalty: float = 0.0) -> Iterator[Record]:
-    """One Record per item, in order, while the loader thread reads the next batch."""
+    """One Record per item, in order, while the loader thread reads the next batch. A batch that
+    fails to caption (an onnxruntime error) gives its inputs error records; the others go on."""
     for batch in load_batches(items, captioner.manifest.image_size, batch_size):
-        captions = {}
+        captions, failure = {}, None
         if batch.readable:
-            tokens = captioner.generate(batch.images, beam_size=beam_size, max_length=max_length,
-                                        length_penalty=length_penalty)  # (n, L)
-            for i, row in zip(batch.readable, tokens):
-                captions[i] = captioner.to_caption(row)
+            try:
+                tokens = captioner.generate(batch.images, beam_size=beam_size, max_length=max_length,
+                                            length_penalty=length_penalty)  # (n, L)
+                captions = {i: captioner.to_caption(row) for i, row in zip(batch.readable, tokens)}
+            except Exception as e:
+                failure = f"captioning failed ({type(e).__name__}: {_one_line(e)})"
         for i, item in enumerate(batch.items):
             if i in captions:
                 yield Record(item.path, captions[i].text, captions[i].tokens)
             else:
-                yield Record(item.path, error=item.error)
+                yield Record(item.path, error=item.error or f"{item.path}: {failure}")
 
 
 class Progress:
@@ -221,6 +212,7 @@ class Progress:
         """Wipe the bar's line, so that a line written to a terminal starts clean."""
         if self._drawn:
             self.stream.write("\r\033[K")
+            self.stream.flush()  # before a record goes to the terminal through its own descriptor
             self._drawn = False
 
     def close(self) -> None:
@@ -229,23 +221,77 @@ class Progress:
             self.stream.flush()
 
 
+class Output:
+    """Whole records to a stream. Where the stream has a file descriptor, each record is written
+    with os.write in full before the next, and on a regular file a failed write (a full disk) is cut
+    back with ftruncate to the end of the last whole record, so no partial line is ever left."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream, self.fd, self.end, self.count = stream, None, None, 0
+        self.name = getattr(stream, "name", None) if isinstance(getattr(stream, "name", None), str) else "the output"
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO, a test runner's stream
+            return
+        self._guard(stream.flush)  # what was written before goes first
+        self.fd = fd
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                self.end = os.lseek(fd, 0, os.SEEK_CUR)
+
+    def write(self, line: str) -> None:
+        if self.fd is None:
+            self._guard(lambda: (self.stream.write(line), self.stream.flush()))
+        else:
+            self._guard(lambda: self._write_all(line.encode("utf-8")))
+            if self.end is not None:
+                self.end = os.lseek(self.fd, 0, os.SEEK_CUR)  # with O_APPEND too: where this record ended
+        self.count += 1
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def _guard(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except BrokenPipeError:
+            raise  # the reader left (`captool run | head`): not an error, the CLI exits 0
+        except OSError as e:
+            cut = self._cut_back()
+            raise OutputError(f"cannot write the records to {self.name}: {e.strerror or e}; {self.count} whole "
+                              f"records written{cut}; free some space or write elsewhere") from None
+
+    def _cut_back(self) -> str:
+        if self.fd is None or self.end is None:
+            return ""
+        try:
+            os.ftruncate(self.fd, self.end)
+            os.lseek(self.fd, self.end, os.SEEK_SET)
+        except OSError:
+            return ", the last may be partial"
+        return ", the partial one removed"
+
+
 def write_records(records: Iterable[Record], out: IO[str], err: IO[str], as_json: bool, progress: Progress) -> int:
-    """Write each record as it comes (flushed, for pipes); returns how many inputs failed.
+    """Write each record as it comes (whole, for pipes and files alike); returns how many inputs failed.
 
     With --json every record goes to `out`; as text, captions go to `out` as `path<TAB>caption`
-    and failures to `err`, so that stdout stays two clean columns.
+    and failures to `err`, so that stdout stays two clean columns. A record that cannot be written
+    raises OutputError (BrokenPipeError when the reader has gone).
     """
     failed = 0
     out_on_terminal = hasattr(out, "isatty") and out.isatty()
+    output = Output(out)
     try:
         for record in records:
             if out_on_terminal or record.error is not None:
                 progress.clear()
             if as_json or record.error is None:
-                out.write((record.to_json() if as_json else record.to_text()) + "\n")
-                out.flush()
+                output.write((record.to_json() if as_json else record.to_text()) + "\n")
             else:
-                err.write(f"captool: {record.error}\n")
+                err.write(f"captool: {printable(record.error)}\n")
                 err.flush()
             failed += record.error is not None
             progress.update()
@@ -258,13 +304,18 @@ def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, dev
                batch_size: int = 32, beam_size: int = 1, max_length: Optional[int] = None,
                length_penalty: float = 0.0, threads: Optional[int] = None, as_json: bool = False,
                verbose: bool = False, out: Optional[IO[str]] = None, err: Optional[IO[str]] = None,
-               progress: Optional[bool] = None) -> int:
+               progress: Optional[bool] = None, on_start: Optional[Callable[[], None]] = None) -> int:
     """`captool run` as a function: 0 all captioned, 1 some input failed. Bundle and device
-    problems raise (BundleError, DeviceError) before any image is read; the CLI makes them exit 2."""
-    from .captioner import Captioner
-
+    problems raise (BundleError, DeviceError) before any image is read; the CLI makes them exit 2.
+    A record that cannot be written raises OutputError (exit OUTPUT_ERROR_EXIT). `on_start` is
+    called once start-up (bundle, sessions, inputs) is over, before the first image is read."""
     out = out or sys.stdout  # looked up now, not at import: the CLI's test runner swaps them
     err = err or sys.stderr
+    if out is None:  # Python sets sys.stdout to None when it was closed (`captool run ... >&-`)
+        raise OutputError("stdout is closed: nowhere to write the records; run with stdout open, or "
+                          "redirect it to a file")
+    from .captioner import Captioner
+
     captioner = Captioner(model if model is not None else default_bundle(), device=device, threads=threads,
                           verbose=verbose)
     if captioner.notice:
@@ -273,7 +324,10 @@ def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, dev
         err.write(f"captool: bundle {captioner.manifest.root} ({captioner.manifest.cell_type}), "
                   f"providers {captioner.providers}, io_binding={captioner.io_binding}\n")
     items = expand_inputs(inputs)
+    if on_start is not None:
+        on_start()
     records = caption_items(captioner, items, batch_size=batch_size, beam_size=beam_size,
                             max_length=max_length, length_penalty=length_penalty)
-    failed = write_records(records, out, err, as_json, Progress(len(items), err, progress))
+    with contextlib.closing(records):  # stop the loader thread at once on an error
+        failed = write_records(records, out, err, as_json, Progress(len(items), err, progress))
     return 1 if failed else 0
