@@ -223,21 +223,51 @@ def run_command(
         min=1, help="CPU threads for the encoder (default: one per core).", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log and the providers.")] = False,
 ) -> None:
-    """Caption images on onnxruntime, no PyTorch needed. Exit 0: all captioned; 1: some input failed; 2: usage or bundle error."""
-    from .run import run_inputs
+    """Caption images on onnxruntime, no PyTorch needed.
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise fail(f"unknown --device {device!r}; use auto, cpu or cuda")
+    Exit 0: all captioned; 1: some input failed; 2: usage or bundle error; 3: the records could not be
+    written (a full disk, a closed stdout; a file is cut back to its last whole record); 130: interrupted.
+    """
+    import os
+    import signal
+    import threading
+
+    def interrupted_at_startup(signum, frame) -> None:
+        # Until the first image is read nothing needs cleaning up, and a KeyboardInterrupt raised inside
+        # an import or onnxruntime's start-up comes out as a traceback: say one line and go.
+        with contextlib.suppress(OSError):
+            os.write(2, b"captool: error: interrupted\n")
+        os._exit(130)
+
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):  # not ours to change (a thread, a job started with SIGINT ignored)
+        previous = None
+    else:
+        signal.signal(signal.SIGINT, interrupted_at_startup)
+
+    def started() -> None:  # from the first image on, Ctrl-C is a KeyboardInterrupt again
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
     try:
+        from .run import OUTPUT_ERROR_EXIT, OutputError, run_inputs
+
+        if device not in ("auto", "cpu", "cuda"):
+            raise fail(f"unknown --device {device!r}; use auto, cpu or cuda")
         with errors_to_exit():
-            code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
-                              max_length=max_length, length_penalty=length_penalty, threads=threads,
-                              as_json=json_lines, verbose=verbose)
+            try:
+                code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
+                                  max_length=max_length, length_penalty=length_penalty, threads=threads,
+                                  as_json=json_lines, verbose=verbose, on_start=started)
+            except OutputError as e:
+                raise fail(str(e), OUTPUT_ERROR_EXIT) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
     except BrokenPipeError:  # `captool run ... | head`: the reader has what it wanted
         sys.stderr.close()
         raise typer.Exit(code=0) from None
+    finally:
+        started()
     raise typer.Exit(code=code)
 
 
