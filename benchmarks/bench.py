@@ -193,7 +193,12 @@ def bench_images(count: int, size: int, image_dir: Optional[Path] = None) -> np.
     if count < 1:
         raise CaptoolError(f"--images must be >= 1, got {count}")
     if image_dir is not None:
-        files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:count]
+        from captool.inputs import find_images  # captool's one rule: recursive, sorted, each real file once
+
+        try:
+            files = find_images(image_dir)[:count]
+        except OSError as e:
+            raise CaptoolError(f"{image_dir}: cannot list it ({e.strerror or e}); pass a folder of images") from None
         if not files:
             raise CaptoolError(f"{image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         return np.stack([preprocess(p, size) for p in files])

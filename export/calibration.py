@@ -17,6 +17,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from captool.errors import CaptoolError
 from captool.evaluation import load_eval_set
+from captool.inputs import find_images
 from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 
 from .validate import ExportError
@@ -59,7 +60,11 @@ def _spread(n_total: int, count: int) -> np.ndarray:
 
 
 def _folder_files(root: Path) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The folder's images by captool's one rule (find_images: recursive, sorted, each real file once)."""
+    try:
+        files = find_images(root)
+    except OSError as e:
+        raise ExportError(f"{root}: cannot list it ({e.strerror or e}); pass a folder of images you can read") from None
     if not files:
         raise ExportError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it; pass a folder of "
                           f"images or a dataset directory")

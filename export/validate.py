@@ -302,11 +302,17 @@ def random_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def image_files(directory: str | Path) -> list[Path]:
-    """The image files under `directory` (recursively, by extension), in sorted order."""
+    """The image files under `directory` by captool's one rule (captool.inputs.find_images: recursive,
+    sorted, each real file once through links, names starting with "." skipped)."""
+    from captool.inputs import find_images
+
     root = Path(directory)
-    if not root.is_dir():
-        raise ExportError(f"--images {root}: not a directory; pass a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    try:
+        files = find_images(root)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ExportError(f"--images {root}: not a directory; pass a folder of images") from None
+    except OSError as e:
+        raise ExportError(f"--images {root}: cannot list it ({e.strerror or e}); pass a folder you can read") from None
     if not files:
         raise ExportError(f"--images {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it")
     return files
