@@ -235,9 +235,23 @@ class Output:
             return
         self._guard(stream.flush)  # what was written before goes first
         self.fd = fd
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                self.end = os.lseek(fd, 0, os.SEEK_CUR)
+        self.end = self._start_of_records(fd)
+
+    @staticmethod
+    def _start_of_records(fd: int) -> Optional[int]:
+        """Where the first record will land in a regular file; None where nothing may be cut back."""
+        try:
+            import fcntl  # POSIX; elsewhere a failed write is reported but not cut back
+        except ImportError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            # `>> file` opens with O_APPEND at offset 0: the records start at the file's end, not at 0.
+            return st.st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            return None
 
     def write(self, line: str) -> None:
         if self.fd is None:
