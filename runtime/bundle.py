@@ -1,28 +1,28 @@
-"""The bundle on disk: manifest schema, loading, and the integrity checks made before any image is read.
+"""The bundle on disk: names, loading, and the integrity checks made before any image is read.
 
-docs/bundle-format.md is the human-readable form of this file; keep the two in step.
+docs/bundle-format.md is the human-readable form of this file and docs/manifest.schema.json the
+manifest's schema (checked field by field in manifest.py); keep the three in step.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .files import read_json
+from .graph_file import ProtobufError, external_tensors
+# The names every stage uses, defined with the manifest's rules and re-exported here.
+from .manifest import (ATTENTION_CACHE, CELL_TYPES, DECODER_STEP, DECODER_STEP_CACHED, ENCODER,  # noqa: F401
+                       FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, check_manifest)
 from .vocab import Vocab
 
-SCHEMA_VERSION = 1
-FORMAT = "captool-bundle"
-MANIFEST = "manifest.json"
-ENCODER = "encoder.onnx"
-DECODER_STEP = "decoder_step.onnx"
-# Optional, attention bundles only: the attention cache (docs/bundle-format.md, "Attention cache").
-ATTENTION_CACHE = "attention_cache.onnx"
-DECODER_STEP_CACHED = "decoder_step_cached.onnx"
-CELL_TYPES = ("rnn", "lstm", "attention")
+MAX_MANIFEST_BYTES = 16 << 20  # a 262144-token vocabulary (the schema's most) fits several times over
+FIX_FILE = "re-export the bundle, or restore the file"
 
 
 def graph_signature(cell_type: str) -> dict[str, dict[str, list[str]]]:
@@ -53,8 +53,20 @@ def cache_signature() -> dict[str, dict[str, list[str]]]:
     }
 
 
-GRAPH_FILES = {"encoder": ENCODER, "decoder_step": DECODER_STEP,
-               "attention_cache": ATTENTION_CACHE, "decoder_step_cached": DECODER_STEP_CACHED}
+def graph_tensors(cell_type: str, hidden_dim: int, vocab_size: int, image_size: int) -> dict:
+    """Each graph's inputs and outputs as the bundle format fixes them, for these dims:
+    {graph: {"inputs" | "outputs": {name: (dtype, shape)}}}, shape entries ints or "N" (the batch).
+    The same for every precision: fp16 and int8 graphs convert inside."""
+    H, V, S = hidden_dim, vocab_size, image_size
+    state = ("float32", ["N", H])
+    spec = {"image": ("uint8", ["N", 3, S, S]), "token": ("int64", ["N"]),
+            "h0": state, "c0": state, "h": state, "c": state, "h_next": state, "c_next": state,
+            "features": ("float32", ["N", H, 4, 4]), "logits": ("float32", ["N", V]),
+            "attn_weights": ("float32", ["N", 4, 4]),
+            "attention_keys": ("float32", ["N", H, 16]), "attention_values": ("float32", ["N", 16, 4 * H])}
+    graphs = {**graph_signature(cell_type), **(cache_signature() if cell_type == "attention" else {})}
+    return {graph: {side: {name: spec[name] for name in names} for side, names in sides.items()}
+            for graph, sides in graphs.items()}
 
 
 # How the decoder step's outputs feed its next call, and how the encoder's outputs seed the first.
@@ -98,82 +110,119 @@ class Manifest:
     @property
     def has_attention_cache(self) -> bool:
         """The bundle carries attention_cache.onnx and decoder_step_cached.onnx (attention bundles since captool 0.1)."""
-        files = self.raw.get("files", {})
+        files = self.raw["files"]
         return ATTENTION_CACHE in files and DECODER_STEP_CACHED in files
 
-
-def _require(d: dict, key: str, where: str, path: Path):
-    if key not in d:
-        raise BundleError(f"{path}: manifest has no '{where}{key}' (re-export the bundle with `captool export`)")
-    return d[key]
+    @property
+    def tensors(self) -> dict:
+        """graph_tensors for this bundle: what each graph's inputs and outputs must be."""
+        return graph_tensors(self.cell_type, self.hidden_dim, len(self.vocab), self.image_size)
 
 
 def load_manifest(bundle_dir: str | Path, check_files: bool = True) -> Manifest:
-    """Read and check manifest.json: schema version, required fields, and every file's sha256."""
+    """Read and check manifest.json (every field, docs/manifest.schema.json) and every file it lists."""
     root = Path(bundle_dir)
-    if not root.is_dir():
-        what = "does not exist" if not root.exists() else "is not a directory"
+    try:
+        is_dir = root.is_dir()
+    except OSError as e:  # a name too long for the file system, say
+        raise BundleError(f"bundle {_short(root)} cannot be read ({e.strerror or e}); pass a directory "
+                          f"written by `captool export`") from None
+    if not is_dir:
+        what = "does not exist" if not os.path.lexists(root) else "is not a directory"
         raise BundleError(f"bundle {root} {what}: pass a directory written by `captool export`")
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise BundleError(f"{root} has no {MANIFEST}: not a captool bundle (write one with `captool export`)")
+    _inside(root.resolve(), mpath, MANIFEST)
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e}); the bundle is damaged, re-export it") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: not a captool manifest (no \"format\": \"{FORMAT}\")")
-    version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{mpath}: bundle schema version {version!r}, this captool reads version {SCHEMA_VERSION}; "
-            f"re-export the bundle with this captool, or install the captool that wrote it"
-        )
-    cell = _require(raw, "cell_type", "", mpath)
-    graph_signature(cell)  # validates the name
-    dims = _require(raw, "dims", "", mpath)
-    image = _require(raw, "image", "", mpath)
-    files = _require(raw, "files", "", mpath)
-    try:
-        vocab = Vocab(list(_require(raw, "vocab", "", mpath)))
-    except ValueError as e:
-        raise BundleError(f"{mpath}: bad vocabulary: {e}") from None
-    for name in (ENCODER, DECODER_STEP):
-        if name not in files:
-            raise BundleError(f"{mpath}: 'files' does not list {name}; the manifest is damaged, re-export")
-    cached = [name for name in (ATTENTION_CACHE, DECODER_STEP_CACHED) if name in files]
-    if len(cached) == 1:
-        raise BundleError(f"{mpath}: 'files' lists {cached[0]} without its pair of the attention cache "
-                          f"({ATTENTION_CACHE}, {DECODER_STEP_CACHED}); the manifest is damaged, re-export")
-    if cached and cell != "attention":
-        raise BundleError(f"{mpath}: a {cell} bundle lists an attention cache; the manifest is damaged, re-export")
+        raw = read_json(mpath, what="manifest", error=BundleError, max_bytes=MAX_MANIFEST_BYTES,
+                        fix="the bundle is damaged, re-export it with `captool export`")
+    except ValueError as e:  # an integer of thousands of digits: json raises plain ValueError
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({e}); the bundle is damaged, re-export it") from None
+    check_manifest(raw, mpath)
     if check_files:
-        verify_files(root, files)
+        verify_files(root, raw["files"])
     return Manifest(
         root=root,
-        cell_type=cell,
-        hidden_dim=int(_require(dims, "hidden_dim", "dims.", mpath)),
-        vocab=vocab,
-        image_size=int(_require(image, "size", "image.", mpath)),
-        resize_policy=str(_require(image, "resize", "image.", mpath)),
-        max_length=int(_require(raw, "max_length", "", mpath)),
-        precision=str(raw.get("precision", "fp32")),
+        cell_type=raw["cell_type"],
+        hidden_dim=int(raw["dims"]["hidden_dim"]),
+        vocab=Vocab(list(raw["vocab"])),
+        image_size=int(raw["image"]["size"]),
+        resize_policy=raw["image"]["resize"],
+        max_length=int(raw["max_length"]),
+        precision=raw.get("precision", "fp32"),
         raw=raw,
     )
 
 
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:120]}...{text[-60:]} ({len(text)} characters)"
+
+
+def _inside(root: Path, path: Path, name: str) -> Path:
+    """`path` with its symlinks resolved, refused unless it stays inside the (resolved) bundle `root`."""
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise BundleError(f"{root}: {name} is missing; the bundle is incomplete, re-export it") from None
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise BundleError(f"{path}: cannot be resolved ({getattr(e, 'strerror', None) or e}); {FIX_FILE}") from None
+    if real == root or root not in real.parents:
+        raise BundleError(f"{path} is a symlink to {_short(real)}, outside the bundle; a bundle's files must lie "
+                          f"inside its directory: {FIX_FILE}")
+    return real
+
+
+def read_graph_file(root: Path, name: str, entry: dict) -> bytes:
+    """The bytes of a listed graph file, after checking that it is a regular file inside the bundle
+    whose size and SHA-256 are those of `entry` ({sha256, bytes}, already validated)."""
+    path = root / name
+    real = _inside(root.resolve(), path, name)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(real, flags)  # non-blocking: a FIFO must not hang the load; no symlink swapped in since
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be opened ({e.strerror or e}); {FIX_FILE}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path} is not a regular file ({_kind(st.st_mode)}); a bundle's graphs are "
+                              f"plain files: {FIX_FILE}")
+        if st.st_size != entry["bytes"]:
+            raise BundleError(f"{path} is {st.st_size} bytes, the manifest says {entry['bytes']}: the file was "
+                              f"changed after export; {FIX_FILE}")
+        try:
+            data = f.read(st.st_size + 1)
+        except OSError as e:
+            raise BundleError(f"{path}: cannot be read ({e.strerror or e}); {FIX_FILE}") from None
+    # The digest of what was read is not shown: only whether it matches.
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{path}: its sha256 does not match the manifest's ({entry['sha256'][:12]}...): "
+                          f"the file was changed after export; {FIX_FILE}")
+    return data
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
 def verify_files(root: Path, files: dict[str, dict]) -> None:
-    """Each listed file exists and hashes to what the manifest says."""
+    """Each listed graph is a regular file inside the bundle, hashes to what the manifest says, and keeps
+    all its weights inside itself (no ONNX external data: no hash would cover it)."""
     for name, entry in files.items():
-        path = root / name
-        if not path.is_file():
-            raise BundleError(f"{root}: {name} is missing; the bundle is incomplete, re-export it")
-        want = entry.get("sha256") if isinstance(entry, dict) else None
-        if not want:
-            raise BundleError(f"{root / MANIFEST}: no sha256 for {name}; re-export the bundle")
-        got = sha256_file(path)
-        if got != want:
-            raise BundleError(
-                f"{path}: sha256 {got[:12]}… does not match the manifest's {want[:12]}…: "
-                f"the file was changed after export; re-export or restore it"
-            )
+        data = read_graph_file(root, name, entry)
+        try:
+            external = external_tensors(data)
+        except ProtobufError as e:
+            raise BundleError(f"{root / name}: not an ONNX model ({e}); {FIX_FILE}") from None
+        if external:
+            t = external[0]
+            raise BundleError(f"{root / name}: tensor {t.name!r} keeps its data in an external file "
+                              f"({t.location!r}{f' and {len(external) - 1} more' if len(external) > 1 else ''}); "
+                              f"a bundle's graphs hold all their weights (docs/bundle-format.md): re-export "
+                              f"the bundle with `captool export`")
