@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from captool.bundle import STATE_FROM_ENCODER
 from captool.decode import initial_state
 from captool.errors import CaptoolError
 from captool.evaluation import Sampler, open_model
@@ -119,13 +120,15 @@ def _side_calls(sampler: Sampler, images: np.ndarray, batch64: np.ndarray, max_l
 
 
 def _runtime_step(captioner, feeds: dict) -> Callable:
-    """The step as the runtime's greedy loop runs it: prebound buffers on the CPU, IO binding on CUDA."""
-    if captioner.io_binding:
-        return partial(captioner._step_fn, feeds)
-    buffers = captioner.step_buffers(feeds["token"].shape[0])
-    buffers.load({name: value for name, value in feeds.items() if name != "token"})
-    buffers.tokens[:] = feeds["token"]
-    return buffers.run
+    """The step as the runtime's greedy loop runs it (`Captioner.decoding_step`), on these feeds."""
+    step = captioner.decoding_step({STATE_TO_ENCODER.get(name, name): value for name, value in feeds.items()
+                                    if name != "token"})
+    step.tokens[:] = feeds["token"]
+    return step
+
+
+# The encoder's output names of the step's state inputs (h <- h0, c <- c0; the rest keep their names).
+STATE_TO_ENCODER = {step: encoder for encoder, step in STATE_FROM_ENCODER.items()}
 
 
 # ---- cold start: whole processes ----------------------------------------------------------------

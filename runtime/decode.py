@@ -1,13 +1,15 @@
 """Decoding loops over a single-step decoder: greedy and beam search, in numpy.
 
-The loops take the step as a function from feeds to outputs (names as in the bundle), so the same
-code runs on onnxruntime sessions in deployment and on the PyTorch model in export's parity check.
+One greedy loop (`greedy_loop`) runs every greedy decode: on the runtime's bound buffers
+(captool.steps), on a plain step function (`FeedStep`: onnxruntime's `session.run`, or the PyTorch
+model in export's parity check). Beam search is its own loop over a step function, because it
+reorders the state between steps. Whatever a loop keeps between steps lives in objects made per call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -31,56 +33,61 @@ def next_state(state: dict[str, np.ndarray], step_out: Arrays) -> dict[str, np.n
     return new
 
 
-def greedy(
-    encoder_out: Arrays,
-    step: StepFn,
-    *,
-    start_id: int,
-    end_id: int,
-    null_id: int,
-    max_length: int,
-) -> np.ndarray:
-    """Greedy decoding, batched: int64 [N, max_length], `<END>` kept, `<NULL>` after it.
+class FeedStep:
+    """A step function (feeds -> outputs by name) as the greedy loop's step: it carries the state.
 
-    Stops as soon as every sequence has ended. The argmax takes the first maximum, as torch.argmax does.
+    The function may be a plain onnxruntime `session.run`, the IO-bound `DeviceStep`, or the PyTorch
+    model in export's parity check. Made per decoding call; `tokens` is the next call's token input.
     """
-    state = initial_state(encoder_out)
-    n = next(iter(state.values())).shape[0]
-    tokens = np.full((n, max_length), null_id, dtype=np.int64)
-    word = np.full((n,), start_id, dtype=np.int64)
-    done = np.zeros((n,), dtype=bool)
-    for t in range(max_length):
-        out = step({"token": word, **state})
-        word = np.asarray(out["logits"]).argmax(axis=1).astype(np.int64)  # (N, V) -> (N,)
-        tokens[:, t] = np.where(done, null_id, word)
-        done |= word == end_id
-        if done.all():
-            break
-        state = next_state(state, out)
-    return tokens
+
+    def __init__(self, step: StepFn, encoder_out: Arrays):
+        self.step = step
+        self.state = initial_state(encoder_out)
+        n = next(iter(self.state.values())).shape[0]
+        self.tokens = np.zeros((n,), dtype=np.int64)
+
+    def __call__(self) -> np.ndarray:
+        out = self.step({"token": self.tokens.copy(), **self.state})  # a copy: the loop rewrites tokens
+        self.state = next_state(self.state, out)
+        return np.asarray(out["logits"])
 
 
-def greedy_bound(encoder_out: Arrays, buffers, *, start_id: int, end_id: int, null_id: int,
-                 max_length: int) -> np.ndarray:
-    """`greedy` on a `captool.sessions.StepBuffers`: the same tokens, with no allocation per step.
+class Step(Protocol):
+    """What the greedy loop runs: one decoder step on `tokens` and the state the step carries."""
 
-    The argmax is written straight into the step's token input.
+    tokens: np.ndarray  # int64 [N]: the token input of the next call, written by the loop
+
+    def __call__(self) -> np.ndarray:  # float [N, V]: the logits; the state moves one step on
+        ...
+
+
+def greedy_loop(step: Step, *, start_id: int, end_id: int, null_id: int, max_length: int) -> np.ndarray:
+    """Greedy decoding, batched, on a step that carries its state: int64 [N, max_length], `<END>`
+    kept, `<NULL>` after it. The one greedy loop: every runtime path and export's check run it.
+
+    Stops as soon as every sequence has ended. The argmax takes the first maximum, as torch.argmax
+    does, and is written straight into the step's token input.
     """
-    buffers.load(initial_state(encoder_out))
-    word = buffers.tokens
+    word = step.tokens
     n = word.shape[0]
     word.fill(start_id)
     tokens = np.full((n, max_length), null_id, dtype=np.int64)
     done = np.zeros((n,), dtype=bool)
     for t in range(max_length):
-        logits = buffers.run()
-        np.argmax(logits, axis=1, out=word)  # (N, V) -> (N,), the first maximum, into the next feed
-        column = tokens[:, t]
-        np.copyto(column, word, where=~done)
+        logits = step()
+        np.argmax(logits, axis=1, out=word)  # (N, V) -> (N,)
+        np.copyto(tokens[:, t], word, where=~done)
         done |= word == end_id
         if done.all():
             break
     return tokens
+
+
+def greedy(encoder_out: Arrays, step: StepFn, *, start_id: int, end_id: int, null_id: int,
+           max_length: int) -> np.ndarray:
+    """`greedy_loop` over a step function (feeds -> outputs by name), from the encoder's outputs."""
+    return greedy_loop(FeedStep(step, encoder_out), start_id=start_id, end_id=end_id, null_id=null_id,
+                       max_length=max_length)
 
 
 @dataclass(frozen=True)

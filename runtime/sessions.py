@@ -1,4 +1,4 @@
-"""onnxruntime sessions for a bundle: which provider really runs, the options, and IO binding.
+"""onnxruntime sessions for a bundle: which provider really runs, and the options of each graph's session.
 
 onnxruntime-gpu lists CUDAExecutionProvider as available even where the CUDA libraries are missing,
 then logs a red error and runs on CPU. So captool finds out first whether CUDA can load (driver,
@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
-from .bundle import IMAGE_STATE
 from .errors import BundleError, DeviceError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -128,7 +125,7 @@ def place(device: str) -> Placement:
     return Placement("cpu", (CPU,), notice=notice)
 
 
-def session_options(graph: str, threads: Optional[int], verbose: bool = False):
+def session_options(graph: str, threads: Optional[int], verbose: bool = False, spin: bool = True):
     """SessionOptions for the encoder or the decoder step (docs/runtime.md has the measurements).
 
     Both graphs are chains of ops: sequential execution, one inter-op thread. The encoder
@@ -137,7 +134,7 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
     of ~100 nodes cost more than the convolutions at batch 1 (2 cores: 0.94 ms without spinning,
     0.76 ms spinning within a run, 0.55 ms spinning on after it, which burns a core while idle and
     halved the speed of anything else running, PyTorch in `captool bench` included).
-    CAPTOOL_ENCODER_SPIN=0 turns spinning off, for a machine whose cores are busy with other work.
+    `spin=False` turns spinning off, for a machine whose cores are busy with other work.
     The decoder step ("decoder_step", "decoder_step_cached") is a few small matmuls: below 32 rows
     a thread pool gains nothing, so it runs on the calling thread alone; "decoder_step_wide", the
     same graph for wide batches, gets `threads` like the encoder, without spinning, and so does the
@@ -155,188 +152,62 @@ def session_options(graph: str, threads: Optional[int], verbose: bool = False):
         opts.intra_op_num_threads = 1
     elif threads:  # the encoder, and the decoder step's session for wide batches (Captioner.step)
         opts.intra_op_num_threads = threads
-    spin = graph == "encoder" and encoder_spin_wanted()
+    spin = graph == "encoder" and spin
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if spin:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 
-def _env_flag(name: str) -> Optional[bool]:
-    """An on/off environment switch: 1/true/yes/on or 0/false/no/off; None when unset or other."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return None
+def create_session(path, graph: str, placement: Placement, threads: Optional[int] = None, verbose: bool = False,
+                   spin: bool = True):
+    """An InferenceSession on the placement's providers (check `get_providers()` afterwards).
 
-
-def encoder_spin_wanted() -> bool:
-    """The encoder's pool threads spin unless CAPTOOL_ENCODER_SPIN turns it off."""
-    return _env_flag("CAPTOOL_ENCODER_SPIN") is not False
-
-
-def create_session(path, graph: str, placement: Placement, threads: Optional[int] = None, verbose: bool = False):
-    """An InferenceSession on the placement's providers (check `get_providers()` afterwards)."""
+    onnxruntime's own load errors (a graph it cannot parse, an empty graph, weights it cannot find)
+    become a BundleError naming the file; load_manifest has already checked its hash.
+    """
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(graph, threads, verbose),
-                                providers=list(placement.providers))
+    try:
+        return ort.InferenceSession(str(path), session_options(graph, threads, verbose, spin),
+                                    providers=list(placement.providers))
+    except Exception as e:  # onnxruntime's exception types are not public; any failure here is a load failure
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({_load_error(e)}); the bundle is damaged "
+                          f"or was not written by `captool export`: re-export it") from None
 
 
-def open_sessions(graphs: dict[str, object], device: str, threads: Optional[int] = None, verbose: bool = False):
+def _load_error(e: Exception) -> str:
+    """onnxruntime's message in one short line: without its error code, the path (named already) and
+    the C++ source location ("/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) ")."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .*? failed: ?", "", text)
+    while True:
+        location = re.search(r"\S+\.(?:cc|cpp|h):\d+ [^(]*\(", text)
+        if not location:
+            break
+        depth, i = 1, location.end()  # skip the function's signature up to its matching parenthesis
+        while i < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        text = (text[:location.start()] + text[i:].lstrip()).strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def open_sessions(graphs: dict[str, object], device: str, threads: Optional[int] = None, verbose: bool = False,
+                  spin: bool = True):
     """Sessions for {graph kind: path} on the device asked for -> ({graph kind: session}, placement).
 
     If CUDA was chosen but onnxruntime did not start it (it falls back to CPU without raising),
     `cuda` refuses and `auto` carries on with CPU sessions and a notice saying so.
     """
     placement = place(device)
-    sessions = {graph: create_session(path, graph, placement, threads, verbose) for graph, path in graphs.items()}
+    sessions = {graph: create_session(path, graph, placement, threads, verbose, spin) for graph, path in graphs.items()}
     if placement.device == "cuda" and not all(CUDA in s.get_providers() for s in sessions.values()):
         why = (f"onnxruntime could not start its CUDA provider although the CUDA libraries load (a GPU "
                f"or driver too old for CUDA {_cuda_major()}?); --verbose shows onnxruntime's log")
         if device == "cuda":
             raise DeviceError(f"--device cuda: {why}, or use --device cpu")
         placement = Placement("cpu", (CPU,), notice=f"running on CPU: {why}")
-        sessions = {graph: create_session(path, graph, placement, threads, verbose) for graph, path in graphs.items()}
+        sessions = {graph: create_session(path, graph, placement, threads, verbose, spin) for graph, path in graphs.items()}
     return sessions, placement
-
-
-def attention_cache_wanted(manifest, override: Optional[bool] = None) -> bool:
-    """Use the bundle's attention cache where it has one; CAPTOOL_ATTENTION_CACHE=0 (or `override`) says no.
-
-    Asking for it (True, or the variable set to 1) on a bundle without one is an error.
-    """
-    wanted = override if override is not None else _env_flag("CAPTOOL_ATTENTION_CACHE")
-    if wanted and not manifest.has_attention_cache:
-        raise BundleError(f"{manifest.root} has no attention cache ({manifest.cell_type} bundle"
-                          f"{'' if manifest.cell_type != 'attention' else ' exported before captool had one'}); "
-                          f"re-export an attention model with this captool, or leave the attention cache off")
-    return manifest.has_attention_cache if wanted is None else wanted
-
-
-def io_binding_wanted(device: str, override: Optional[bool] = None) -> bool:
-    """IO binding on CUDA by default; CAPTOOL_IO_BINDING=1/0 (or `override`) forces it on or off."""
-    if override is not None:
-        return override
-    env = _env_flag("CAPTOOL_IO_BINDING")
-    return device == "cuda" if env is None else env
-
-
-class BoundStep:
-    """The decoder step through IO binding: the state stays where the provider put it between steps.
-
-    Feeds may be numpy arrays (copied to the device once: a numpy array seen again, such as the
-    attention features, reuses its copy) or the OrtValues a previous call returned (used in place).
-    Each call sends the tokens and brings back only the logits; h_next, c_next and attn_weights stay
-    on the device as OrtValues, ready to be fed back. On the CPU provider the same code runs with
-    device memory being host memory, which is how the tests exercise it.
-    """
-
-    def __init__(self, session, device: str, device_id: int = 0):
-        import onnxruntime as ort
-
-        self._ort = ort
-        self.session = session
-        self.device, self.device_id = device, device_id
-        self.inputs = [i.name for i in session.get_inputs()]
-        self.outputs = [o.name for o in session.get_outputs()]
-        self._binding = session.io_binding()
-        self._uploaded: dict[str, tuple[np.ndarray, object]] = {}
-
-    def _on_device(self, name: str, value):
-        if isinstance(value, self._ort.OrtValue):
-            return value
-        seen = self._uploaded.get(name)
-        if seen is not None and seen[0] is value:  # holding the array keeps its identity unique
-            return seen[1]
-        ortvalue = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
-        self._uploaded[name] = (value, ortvalue)
-        return ortvalue
-
-    def __call__(self, feeds: dict) -> dict:
-        b = self._binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        for name in self.inputs:
-            b.bind_ortvalue_input(name, self._on_device(name, feeds[name]))
-        for name in self.outputs:
-            # Fresh output buffers each step: this step's h_next must not overwrite the h it reads.
-            b.bind_output(name, "cpu" if name == "logits" else self.device, self.device_id)
-        self.session.run_with_iobinding(b)
-        out = dict(zip(self.outputs, b.get_outputs()))
-        out["logits"] = out["logits"].numpy()  # (N, V) on the host: the tokens are chosen here
-        return out
-
-
-class StepBuffers:
-    """The decoder step on the CPU with every input and output bound once, to buffers made once.
-
-    A greedy step through `session.run` converts its feeds, allocates its outputs and builds dicts:
-    about as long as the step's own arithmetic at batch 1 (docs/runtime.md has the figures). Here two
-    IO bindings alternate: call t reads the state from buffer t % 2 and writes the next state into
-    the other, so nothing moves and nothing is allocated per step. `tokens` is the token input
-    itself: write the next tokens into it (np.argmax(..., out=tokens)), then `run()`; `run()` returns
-    the logits buffer, which the next call overwrites.
-    """
-
-    def __init__(self, session, batch: int, shapes: dict[str, tuple[int, ...]]):
-        import onnxruntime as ort
-
-        self.session, self.batch = session, batch
-        inputs = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
-        carried = {"h_next": "h", "c_next": "c"}  # outputs fed back as the next step's inputs
-
-        def buffer(name, dtype=np.float32):
-            return np.zeros((batch, *shapes[name]), dtype=dtype)
-
-        self.tokens = np.zeros((batch,), dtype=np.int64)
-        self._state = {name: (buffer(name), buffer(name)) for name in inputs if name in ("h", "c")}
-        self._shared = {"token": self.tokens}
-        for name in inputs:
-            if name in IMAGE_STATE:  # the same at every step: one buffer for both bindings
-                self._shared[name] = buffer(name)
-        self._out = {name: buffer(name) for name in outputs if name not in carried}
-        self._bindings = []
-        for parity in (0, 1):
-            b = session.io_binding()
-            for name in inputs:
-                array = self._shared[name] if name in self._shared else self._state[name][parity]
-                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-            for name in outputs:
-                array = self._state[carried[name]][1 - parity] if name in carried else self._out[name]
-                b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
-            self._bindings.append(b)
-        self._parity = 0
-        # The public run_with_iobinding first checks for WebGPU graph capture on every call: 2 µs of
-        # a 28 µs step (shipped model, batch 1). The binding's own session is called where it is there.
-        native = getattr(session, "_sess", None)
-        options = ort.RunOptions()  # one for every call
-        if native is not None and all(hasattr(b, "_iobinding") for b in self._bindings):
-            self._run, self._runs = native.run_with_iobinding, [(b._iobinding, options) for b in self._bindings]
-        else:
-            self._run, self._runs = session.run_with_iobinding, [(b, options) for b in self._bindings]
-
-    def load(self, state: dict[str, np.ndarray]) -> None:
-        """Start from this state (h, plus c and features or the attention cache where the graph takes
-        them; other entries are ignored), batch rows as made."""
-        self._parity = 0
-        for name, value in state.items():
-            if name in self._shared and name != "token":
-                np.copyto(self._shared[name], value)
-            elif name in self._state:
-                np.copyto(self._state[name][0], value)
-
-    def run(self) -> np.ndarray:
-        """One step on `tokens` and the current state; the logits (batch, V), overwritten by the next call."""
-        self._run(*self._runs[self._parity])
-        self._parity ^= 1
-        return self._out["logits"]
-
-    def state(self) -> dict[str, np.ndarray]:
-        """The current state (copies): what the next `run()` reads."""
-        current = {name: pair[self._parity].copy() for name, pair in self._state.items()}
-        current.update({name: array.copy() for name, array in self._shared.items() if name in IMAGE_STATE})
-        return current

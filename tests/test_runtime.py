@@ -12,6 +12,8 @@ from PIL import Image
 from captool import Captioner
 from captool import sessions
 from captool.bundle import STATE_FROM_ENCODER, STATE_FROM_STEP
+from captool.decode import FeedStep
+from captool.steps import BufferedStep, DeviceStep
 from captool.errors import BundleError, CaptoolError, DeviceError
 
 torch = pytest.importorskip("torch")
@@ -113,56 +115,57 @@ def test_beam_size_one_equals_greedy_on_the_bundle(loaded, cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_io_binding_path_gives_the_same_tokens(tiny_bundle, loaded, cell):
+def test_device_step_gives_the_same_tokens(loaded, cell):
     # The CUDA code path (state kept as OrtValues between steps), run on the CPU provider.
+    from captool.decode import beam_search, greedy
+
     plain, _ = loaded(cell)
-    bound = Captioner(tiny_bundle(cell), device="cpu", io_binding=True)
-    assert bound.io_binding and isinstance(bound._step_fn, sessions.BoundStep)
+    v = plain.vocab
+    ids = dict(start_id=v.start_id, end_id=v.end_id, null_id=v.null_id, max_length=plain.manifest.max_length)
     x = images(3, seed=4)
-    np.testing.assert_array_equal(bound.generate(x), plain.generate(x))
-    np.testing.assert_array_equal(bound.generate(x, beam_size=3), plain.generate(x, beam_size=3))
+    device_step = DeviceStep(plain.step_session(3), "cpu")
+    np.testing.assert_array_equal(greedy(plain.encode(x), device_step, **ids), plain.generate(x))
+    beams = beam_search(plain.encode(x), DeviceStep(plain.step_session(9), "cpu"), beam_size=3, **ids)
+    np.testing.assert_array_equal(beams.best, plain.generate(x, beam_size=3))
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("n", [1, 4])
-def test_prebound_greedy_equals_greedy_over_session_run(loaded, cell, n):
-    """generate() on the CPU runs on StepBuffers; the plain loop over Captioner.step is the reference."""
-    from captool.decode import greedy
-
+def test_buffered_greedy_equals_greedy_over_session_run(loaded, tiny_bundle, cell, n):
+    """generate() on the CPU steps on bound buffers; the same loop over `session.run` is the reference."""
     captioner, _ = loaded(cell)
-    v = captioner.vocab
-    for seed in (6, 7):  # the second call reuses the buffers: nothing may leak from the first
+    plain = Captioner(tiny_bundle(cell), device="cpu", io_binding=False)
+    assert isinstance(captioner.decoding_step(captioner.encode(images(n, seed=5))), BufferedStep)
+    assert isinstance(plain.decoding_step(plain.encode(images(n, seed=5))), FeedStep)
+    for seed in (6, 7):  # the second call reuses this thread's buffers: nothing may leak from the first
         x = images(n, seed=seed)
-        want = greedy(captioner.encode(x), captioner.step, start_id=v.start_id, end_id=v.end_id,
-                      null_id=v.null_id, max_length=captioner.manifest.max_length)
-        np.testing.assert_array_equal(captioner.generate(x), want)
-    assert captioner.step_buffers(n).batch == n
+        np.testing.assert_array_equal(captioner.generate(x), plain.generate(x))
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_step_buffers_carry_the_state_like_session_run(loaded, cell):
+def test_buffered_step_carries_the_state_like_session_run(loaded, cell):
     captioner, _ = loaded(cell)
     x = images(2, seed=8)
-    state = {STATE_FROM_ENCODER[k]: v for k, v in captioner.encode(x).items()}
-    buffers = captioner.step_buffers(2)
-    buffers.load(state)
+    encoded = captioner.encode(x)
+    state = {STATE_FROM_ENCODER[k]: v for k, v in encoded.items()}
+    step = captioner.decoding_step(encoded)
     feeds = dict(state)
     for token in (1, 5, 9):  # three steps: the ping-pong buffers swap twice
-        buffers.tokens[:] = token
+        step.tokens[:] = token
         feeds["token"] = np.full(2, token, dtype=np.int64)
-        logits = buffers.run()
+        logits = step()
         want = captioner.step(feeds)
         np.testing.assert_allclose(logits, want["logits"], rtol=1e-5, atol=1e-6)
         feeds.update({STATE_FROM_STEP[k]: v for k, v in want.items() if k in STATE_FROM_STEP})
-        for name, value in buffers.state().items():
+        for name, value in step.state().items():
             np.testing.assert_allclose(value, feeds[name], rtol=1e-5, atol=1e-6)
 
 
-def test_io_binding_env_flag(tiny_bundle, monkeypatch):
-    monkeypatch.setenv("CAPTOOL_IO_BINDING", "1")
-    assert Captioner(tiny_bundle("rnn"), device="cpu").io_binding
-    monkeypatch.setenv("CAPTOOL_IO_BINDING", "0")
-    assert not Captioner(tiny_bundle("rnn"), device="cpu", io_binding=None).io_binding
+def test_switches_are_checked_keywords(tiny_bundle):
+    assert not Captioner(tiny_bundle("rnn"), device="cpu", io_binding=False).io_binding
+    for bad in ({"io_binding": None}, {"io_binding": "yes"}, {"spin": 1}, {"attention_cache": "off"}):
+        with pytest.raises(CaptoolError, match="must be True or False"):
+            Captioner(tiny_bundle("rnn"), device="cpu", **bad)
 
 
 def test_caption_takes_paths_pil_images_and_arrays(loaded, tmp_path):
@@ -281,7 +284,7 @@ def test_cuda_that_loads_but_falls_back_is_caught_after_session_creation(tiny_bu
     monkeypatch.setattr(sessions, "cuda_problem", lambda: None)
     auto = Captioner(tiny_bundle("rnn"), device="auto")
     assert auto.device == "cpu" and auto.providers == ["CPUExecutionProvider"]
-    assert "could not start its CUDA provider" in auto.notice and not auto.io_binding
+    assert "could not start its CUDA provider" in auto.notice
     with pytest.raises(DeviceError, match="could not start its CUDA provider"):
         Captioner(tiny_bundle("rnn"), device="cuda")
 
@@ -302,15 +305,13 @@ def test_decoder_step_session_options():
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_encoder_threads_spin_unless_turned_off(monkeypatch):
+def test_encoder_threads_spin_unless_turned_off():
     spinning = "session.intra_op.allow_spinning"
-    monkeypatch.delenv("CAPTOOL_ENCODER_SPIN", raising=False)
     encoder = sessions.session_options("encoder", None)
     assert encoder.get_session_config_entry(spinning) == "1"
     assert encoder.get_session_config_entry("session.force_spinning_stop") == "1"  # not after a run
     assert sessions.session_options("decoder_step_wide", 2).get_session_config_entry(spinning) == "0"
-    monkeypatch.setenv("CAPTOOL_ENCODER_SPIN", "0")
-    assert sessions.session_options("encoder", None).get_session_config_entry(spinning) == "0"
+    assert sessions.session_options("encoder", None, spin=False).get_session_config_entry(spinning) == "0"
 
 
 def test_wide_batches_step_on_a_multithreaded_session_with_the_same_results(tiny_bundle):
@@ -323,13 +324,14 @@ def test_wide_batches_step_on_a_multithreaded_session_with_the_same_results(tiny
     images = np.random.default_rng(5).integers(0, 256, (n, 3, 112, 112), dtype=np.uint8)
     state = captioner.encode(images)
     feeds = {"token": np.full(n, captioner.vocab.start_id, np.int64), "h": state["h0"], "c": state["c0"]}
-    assert captioner._wide_decoder is None
+    wide_session = captioner.step_session(n)
+    assert wide_session is not captioner.step_session(1)
     wide = captioner.step(feeds)
-    assert captioner._wide_decoder is not None
-    narrow = dict(zip(captioner._step_outputs, captioner._decoder.run(captioner._step_outputs, feeds)))
+    narrow_session = captioner.step_session(1)
+    names = [o.name for o in narrow_session.get_outputs()]
+    narrow = dict(zip(names, narrow_session.run(names, feeds)))
     for name in narrow:
         np.testing.assert_allclose(wide[name], narrow[name], rtol=1e-5, atol=1e-6)
     single = Captioner(bundle, device="cpu", threads=1)
-    single.step(feeds)
-    assert single._wide_decoder is None  # threads=1 means one thread everywhere
+    assert single.step_session(n) is single.step_session(1)  # threads=1 means one thread everywhere
     assert (captioner.generate(images) == single.generate(images)).all()
