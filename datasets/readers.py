@@ -21,23 +21,24 @@
 
 A caption without a word (by captool.vocab.tokenize) and an annotation of an image the file does not
 list are passed to `report` and left out; an image left with no caption is left out silently. A file
-that is not JSON, or lacks a field its format needs, is a CaptoolError naming the file, the problem and
-the fix. Images are only located here, never opened: decoding them is the caller's (captool.preprocess).
+that is not JSON (or nested too deeply, or over 1 GiB), lacks a field its format needs or holds one of
+the wrong type (an id that is a list) is a DataError naming the file, the field and the fix. Images are only located here, never opened: decoding them is the caller's (captool.preprocess).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from captool.errors import CaptoolError
+from captool import files
+from captool.errors import DataError
 from captool.vocab import tokenize
 
 FORMATS = ("the course's coco.pt, COCO captions JSON (a dataset folder or captions_*.json: images + "
            "annotations) or Karpathy split JSON (dataset_*.json)")
 PROBES = 5  # images tried when looking for a COCO file's image folder
+MAX_ANNOTATION_BYTES = 1 << 30  # COCO's captions_train2017.json is 92 MB, Karpathy's dataset_coco.json 144 MB
 
 Report = Callable[[str], None]
 
@@ -80,7 +81,7 @@ def coco_annotations(folder: Path, split: str) -> Optional[Path]:
     for where in (folder / "annotations", folder):
         found = sorted(where.glob(f"captions_{split}*.json"))
         if len(found) > 1:
-            raise CaptoolError(f"{where}: several {split} annotation files ({', '.join(p.name for p in found)}); "
+            raise DataError(f"{where}: several {split} annotation files ({', '.join(p.name for p in found)}); "
                                f"pass the one to use as --data")
         if found:
             return found[0]
@@ -91,21 +92,21 @@ def find_dataset(data: Path, split: str) -> Path:
     """The annotation file, or coco.pt, holding `split` of the dataset `data` names (a file is itself)."""
     data = Path(data)
     if not data.exists():
-        raise CaptoolError(f"{data}: no such file or directory (--data takes {FORMATS})")
+        raise DataError(f"{data}: no such file or directory (--data takes {FORMATS})")
     if data.is_file():
         if data.suffix not in (".json", ".pt"):
-            raise CaptoolError(f"{data}: not a dataset file (.json or .pt); --data takes {FORMATS}")
+            raise DataError(f"{data}: not a dataset file (.json or .pt); --data takes {FORMATS}")
         return data
     found = coco_annotations(data, split)
     if found is not None:
         return found
     others = sorted(data.glob("dataset_*.json")) + [p for p in [data / "coco.pt"] if p.is_file()]
     if len(others) > 1:
-        raise CaptoolError(f"{data}: several datasets ({', '.join(p.name for p in others)}) and no "
+        raise DataError(f"{data}: several datasets ({', '.join(p.name for p in others)}) and no "
                            f"captions_{split}*.json; pass the one to use as --data")
     if others:
         return others[0]
-    raise CaptoolError(f"{data}: no dataset found for split {split!r} (looked for annotations/captions_{split}*.json, "
+    raise DataError(f"{data}: no dataset found for split {split!r} (looked for annotations/captions_{split}*.json, "
                        f"captions_{split}*.json, dataset_*.json and coco.pt); --data takes {FORMATS}")
 
 
@@ -128,7 +129,7 @@ def image_folder(ann_path: Path, file_names: list[str], images: Optional[Path] =
     for folder in tried:
         if any((folder / name).is_file() for name in probes):
             return folder
-    raise CaptoolError(f"{ann_path}: cannot find its images (looked for {probes[0]} in "
+    raise DataError(f"{ann_path}: cannot find its images (looked for {probes[0]} in "
                        f"{', '.join(map(str, tried))}); pass the image folder with --images")
 
 
@@ -136,13 +137,7 @@ def image_folder(ann_path: Path, file_names: list[str], images: Optional[Path] =
 
 
 def read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CaptoolError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise CaptoolError(f"{path}: cannot be read ({e})") from None
+    return files.read_json(path, what="annotation file", error=DataError, max_bytes=MAX_ANNOTATION_BYTES)
 
 
 def json_format(doc: Any) -> Optional[str]:
@@ -166,27 +161,42 @@ def read_annotations(path: Path, *, images: Optional[Path] = None, report: Repor
         return read_coco(path, doc, images=images, report=report)
     if kind == "karpathy-json":
         return read_karpathy(path, doc, images=images, report=report)
-    raise CaptoolError(f"{path}: unknown annotation format; expected {FORMATS}")
+    raise DataError(f"{path}: unknown annotation format; expected {FORMATS}")
 
 
-def _field(path: Path, entry: Any, key: str, what: str, index: int) -> Any:
+def _field(path: Path, entry: Any, key: str, what: str, index: int, kinds: tuple = (), need: str = "") -> Any:
+    """entry[key], which must be of one of `kinds` (any type when none are given)."""
     if not isinstance(entry, dict) or key not in entry:
-        raise CaptoolError(f"{path}: {what} #{index} has no '{key}' field; the file is not in the format it claims")
-    return entry[key]
+        raise DataError(f"{path}: {what} #{index} has no '{key}' field; the file is not in the format it claims")
+    value = entry[key]
+    if kinds and (not isinstance(value, kinds) or isinstance(value, bool)):
+        raise DataError(f"{path}: {what} #{index} has '{key}' that is not {need} (it is {_json_type(value)}); "
+                        f"the file is not in the format it claims")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+ID = ((int, str), "an integer or a string")
+NAME = ((str,), "a string (a file name)")
 
 
 def read_coco(path: Path, doc: Any, *, images: Optional[Path] = None, report: Report = ignore) -> Annotations:
     """The images of a COCO captions JSON (already parsed as `doc`) that have a caption."""
     if json_format(doc) != "coco-json":
-        raise CaptoolError(f"{path}: not COCO captions JSON ('images' and 'annotations' lists)")
+        raise DataError(f"{path}: not COCO captions JSON ('images' and 'annotations' lists)")
     entries: dict = {}  # image id -> its entry, in file order
     for i, entry in enumerate(doc["images"]):
-        image_id = _field(path, entry, "id", "image", i)
-        _field(path, entry, "file_name", "image", i)
+        image_id = _field(path, entry, "id", "image", i, *ID)
+        _field(path, entry, "file_name", "image", i, *NAME)
         entries[image_id] = entry
     captions: dict = {image_id: [] for image_id in entries}
     for i, ann in enumerate(doc["annotations"]):
-        image_id = _field(path, ann, "image_id", "annotation", i)
+        image_id = _field(path, ann, "image_id", "annotation", i, *ID)
         text = _field(path, ann, "caption", "annotation", i)
         where = f"{path}: annotation {ann.get('id', '#' + str(i))}"
         if image_id not in captions:
@@ -209,12 +219,12 @@ def read_karpathy(path: Path, doc: Any, *, images: Optional[Path] = None, report
     root = Path(images) if images else path.parent
     records = []
     for k, entry in enumerate(doc["images"]):
-        name = str(_field(path, entry, "filename", "image", k))
-        split = str(_field(path, entry, "split", "image", k))
-        sentences = _field(path, entry, "sentences", "image", k)
-        if not isinstance(sentences, list):
-            raise CaptoolError(f"{path}: image #{k} has 'sentences' that is not a list; "
-                               f"the file is not in the format it claims")
+        name = _field(path, entry, "filename", "image", k, *NAME)
+        split = _field(path, entry, "split", "image", k, (str,), "a string (train, restval, val or test)")
+        sentences = _field(path, entry, "sentences", "image", k, (list,), "a list")
+        folder = entry.get("filepath", "")
+        if not isinstance(folder, str):
+            _field(path, entry, "filepath", "image", k, (str,), "a string (a folder name)")
         texts = []
         for j, sentence in enumerate(sentences):
             sentence = sentence if isinstance(sentence, dict) else {}
@@ -227,5 +237,7 @@ def read_karpathy(path: Path, doc: Any, *, images: Optional[Path] = None, report
                 report(f"{path}: image {name} sentence {sentence.get('sentid', j)}: empty caption, skipped")
         if texts:
             image_id = entry.get("cocoid", entry.get("imgid", k))
-            records.append(ImageRecord(image_id, root / str(entry.get("filepath", "")) / name, texts, split=split))
+            if "cocoid" in entry or "imgid" in entry:
+                _field(path, entry, "cocoid" if "cocoid" in entry else "imgid", "image", k, *ID)
+            records.append(ImageRecord(image_id, root / folder / name, texts, split=split))
     return Annotations(path, "karpathy-json", records)

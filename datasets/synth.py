@@ -8,10 +8,8 @@ Generators derived from the seed, so the same seed writes byte-identical files.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from captool.errors import CaptoolError
+from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
 from captool.preprocess import IMAGE_SIZE
 from captool.vocab import MAX_WORDS, Vocab, tokenize
 
@@ -200,15 +199,8 @@ def _write_split(root: Path, split: str, count: int, seed: int, progress: Option
     info = {"description": "procedurally generated shape scenes", "generator": GENERATOR,
             "version": VERSION, "seed": seed, "split": split, "image_size": IMAGE_SIZE}
     doc = {"info": info, "images": images, "annotations": annotations}
-    _write_json(root / "annotations" / f"captions_{split}.json", doc)
+    write_json(root / "annotations" / f"captions_{split}.json", doc, indent=None, durable=False)
     return [a["caption"] for a in annotations]
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    """Temp file + os.replace: an interrupted write never leaves half a JSON file at `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def is_synth_output(out: Path) -> bool:
@@ -216,9 +208,9 @@ def is_synth_output(out: Path) -> bool:
     if not out.is_dir() or not set(os.listdir(out)) <= {"train", "val", "annotations"}:
         return False
     try:
-        info = json.loads((out / "annotations" / "captions_train.json").read_text(encoding="utf-8"))["info"]
+        info = read_json(out / "annotations" / "captions_train.json")["info"]
         return info.get("generator") == GENERATOR
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (CaptoolError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -243,27 +235,25 @@ def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Pr
                            f"val={val}")
     if seed < 0:
         raise CaptoolError(f"--seed must be a non-negative integer, got {seed}")
+    started = time.time()  # what killed runs left: the old dataset put back, temporary directories removed
+    restore_aside(out)
+    remove_stale(out, "synth-", older_than=started)
+    remove_stale(out, "old-", older_than=started)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    building.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the dataset gets a plain directory's mode
+    building = make_temp_dir(out, "synth-")
+    busy = hold(building)  # remove_stale leaves a directory alone while a run holds it
     try:
         (building / "annotations").mkdir()
         refs = _write_split(building, "train", train, seed, progress)
         refs += _write_split(building, "val", val, seed, progress)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "dataset")
-        os.replace(building, out)
+        swap_into_place(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.close(busy)
     seconds = time.perf_counter() - start
     words = len(Vocab.build(refs)) - 4
     return (f"wrote {train} train + {val} val images ({len(refs)} captions, {words} words) to {out} "

@@ -139,22 +139,27 @@ def make_temp_dir(target: Path, tag: str = "") -> Path:
     return tmp
 
 
-@contextlib.contextmanager
-def lock(path: Path, in_use: Optional[CaptoolError] = None) -> Iterator[None]:
-    """Hold an exclusive lock on the directory `path` (released by the kernel even on kill -9).
+def hold(path: Path, in_use: Optional[CaptoolError] = None) -> int:
+    """Lock the directory `path` for this process (the kernel releases it even on kill -9); close the fd to release.
 
     `in_use` is raised when another process holds it; `remove_stale` never removes a held directory.
     """
-    if fcntl is None:
-        yield
-        return
     fd = os.open(path, os.O_RDONLY)
-    try:
+    if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if in_use is not None:
+                os.close(fd)
                 raise in_use from None
+    return fd
+
+
+@contextlib.contextmanager
+def lock(path: Path, in_use: Optional[CaptoolError] = None) -> Iterator[None]:
+    """`hold` for the length of a `with` block."""
+    fd = hold(path, in_use)
+    try:
         yield
     finally:
         os.close(fd)
