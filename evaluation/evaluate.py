@@ -26,7 +26,7 @@ import numpy as np
 
 from captool.bundle import MANIFEST
 from captool.datasets import find_dataset, read_annotations
-from captool.errors import CaptoolError, ImageError
+from captool.errors import CaptoolError, DataError, ImageError
 from captool.preprocess import preprocess
 from captool.vocab import Vocab, tokenize
 
@@ -115,6 +115,8 @@ def _coco_pt(path: Path, split: str) -> EvalSet:
     for row, image in zip(part.captions.tolist(), part.image_idx.tolist()):
         refs.setdefault(image, []).append(data.vocab.decode(row))
     ids = sorted(refs)
+    if not ids:
+        raise DataError(f"{path}: {split}_captions has no caption with a word to score against")
     return EvalSet(path, "coco.pt", split, ids, part.images.numpy()[ids], refs)
 
 
@@ -129,10 +131,10 @@ def load_eval_set(data: str | Path, split: str = "val", image_dir: Optional[Path
     annotations = read_annotations(path, images=Path(image_dir) if image_dir else None)
     records = annotations.of_split(split)  # an image without a reference caption cannot be scored
     if not records and annotations.format == "karpathy-json":
-        raise CaptoolError(f"{path}: no image of split {split!r} with a reference caption "
-                           f"(Karpathy splits are train, restval, val and test)")
+        raise DataError(f"{path}: no image of split {split!r} with a reference caption "
+                        f"(Karpathy splits are train, restval, val and test)")
     if not records:
-        raise CaptoolError(f"{path}: no image with a reference caption")
+        raise DataError(f"{path}: no image with a reference caption")
     ids = [r.image_id for r in records]
     scenes = {r.image_id: r.scene for r in records} if all(r.scene is not None for r in records) else None
     return EvalSet(path, annotations.format, split, ids, [r.path for r in records],

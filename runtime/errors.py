@@ -9,6 +9,10 @@ class BundleError(CaptoolError):
     """The bundle directory is missing, incomplete, tampered with or of another schema."""
 
 
+class DataError(CaptoolError):
+    """A dataset (annotation JSON, coco.pt) is malformed: the message names the file, the field and the fix."""
+
+
 class ImageError(CaptoolError):
     """One input image cannot be read; other inputs are still processed."""
 
