@@ -5,7 +5,7 @@ import os
 import struct
 
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 import captool.training.checkpoint as checkpoint
 from captool.training import CaptioningRNN, TrainingError, load_checkpoint, read_checkpoint_metadata, save_checkpoint

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch")
 
 from captool.training import (
     LSTM,

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
-import torchvision
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
 
 from captool.decode import greedy
 from captool.training import CaptioningRNN, FeatureExtractor, ModelConfig, TrainingError

@@ -7,9 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-import torch
-import torchvision
-from safetensors.torch import load_file
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+load_file = pytest.importorskip("safetensors.torch").load_file
 from typer.main import get_command
 from typer.testing import CliRunner
 
