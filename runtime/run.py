@@ -227,7 +227,7 @@ class Output:
     back with ftruncate to the end of the last whole record, so no partial line is ever left."""
 
     def __init__(self, stream: IO[str]):
-        self.stream, self.fd, self.end, self.count = stream, None, None, 0
+        self.stream, self.fd, self.end, self.count, self.partial = stream, None, None, 0, 0
         self.name = getattr(stream, "name", None) if isinstance(getattr(stream, "name", None), str) else "the output"
         try:
             fd = stream.fileno()
@@ -263,9 +263,11 @@ class Output:
         self.count += 1
 
     def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
+        view, self.partial = memoryview(data), 0
         while view:
-            view = view[os.write(self.fd, view):]
+            n = os.write(self.fd, view)
+            self.partial += n  # a full disk may take part of a record before it refuses the rest
+            view = view[n:]
 
     def _guard(self, write: Callable[[], object]) -> None:
         try:
@@ -278,13 +280,15 @@ class Output:
                               f"records written{cut}; free some space or write elsewhere") from None
 
     def _cut_back(self) -> str:
-        if self.fd is None or self.end is None:
+        if self.fd is None or not self.partial:
             return ""
+        if self.end is None:
+            return ", the last one partial"
         try:
             os.ftruncate(self.fd, self.end)
             os.lseek(self.fd, self.end, os.SEEK_SET)
         except OSError:
-            return ", the last may be partial"
+            return ", the last one partial"
         return ", the partial one removed"
 
 
