@@ -61,3 +61,15 @@ def test_quickstart_in_a_fresh_venv_captions_the_examples_without_torch(tmp_path
     want = Captioner(SHIPPED, device="cpu").caption([str(p) for p in images])
     assert [caption for _, caption in lines] == [c.text for c in want]
     assert all(caption for _, caption in lines)
+
+
+def test_python_snippet_runs_from_any_directory(tmp_path):
+    """The README's Python API block, run as written from a directory that is not the checkout."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    snippet = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    env = {k: v for k, v in os.environ.items() if k != "CAPTOOL_MODEL"}
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("a red circle [")
