@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from captool.inputs import Item, expand_glob, expand_inputs, find_images
-from captool.preprocess import MAX_ASPECT_RATIO, preprocess
+from captool.preprocess import IMAGE_EXTENSIONS, IMAGE_FORMATS, MAX_ASPECT_RATIO, preprocess
 from captool.run import caption_items, printable
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "shapes-attention"
@@ -582,6 +582,12 @@ def test_extreme_shapes_are_refused_from_the_header(tmp_path, width, height):
 def test_extreme_arrays_are_refused_before_the_resize(shape):
     with pytest.raises(Exception, match="a side more than 100 times the other"):
         preprocess(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
+def test_every_image_extension_is_decoded_by_an_allowed_plugin(extension):
+    Image.init()
+    assert Image.registered_extensions()[extension] in IMAGE_FORMATS
 
 
 # ---- a batch that fails to caption loses no other batch's records -----------------------------------
