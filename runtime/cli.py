@@ -225,8 +225,7 @@ def run_command(
 ) -> None:
     """Caption images on onnxruntime, no PyTorch needed.
 
-    Exit 0: all captioned; 1: some input failed; 2: usage or bundle error; 3: the records could not be
-    written (a full disk, a closed stdout; a file is cut back to its last whole record); 130: interrupted.
+    Exit 0: all captioned; 1: some input failed; 2: usage or bundle error; 3: output not written (full disk, closed stdout); 130: interrupted.
     """
     import os
     import signal
