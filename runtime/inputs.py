@@ -142,7 +142,7 @@ def expand_glob(pattern: str) -> list[str]:
     base = Path(("/" if absolute else "") + "/".join(parts[:literal]) or ".")
     try:
         return [str(path) for path in _glob_parts(base, parts[literal:], set())] if os.path.isdir(base) else []
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the pattern
         return []
 
 
@@ -180,7 +180,7 @@ def _glob_items(pattern: str) -> list[Item]:
             if key is not None:
                 seen_files.add(key)
             items.append(Item(match))
-    return items
+    return items or [Item(pattern, f"{pattern}: no image files in the folders this pattern matches")]
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Item]:

@@ -272,6 +272,12 @@ def _glob_too_long(d):
     return [pattern], [(pattern, "no files match this pattern")]
 
 
+def _glob_matching_empty_folders(d):
+    (d / "e1").mkdir(parents=True)
+    (d / "e2").mkdir()
+    return [f"{d}/e*"], [(f"{d}/e*", "no image files in the folders this pattern matches")]
+
+
 def _glob_folder_and_its_files(d):
     picture(d / "s" / "1.png")
     return [f"{d}/**"], [(f"{d}/s/1.png", None)]
@@ -408,6 +414,7 @@ CORPUS = {
     "glob matching nothing": _glob_no_match,
     "glob too long": _glob_too_long,
     "glob matching a folder and its files": _glob_folder_and_its_files,
+    "glob matching empty folders": _glob_matching_empty_folders,
     "empty folder": _empty_folder,
     "missing file": _missing,
     "path under a file": _under_a_file,
@@ -565,6 +572,7 @@ def test_expand_inputs_never_raises_and_keeps_argument_order(tmp_path):
     items = expand_inputs([long_name, str(good), str(tmp_path / "f.png"), str(good), "bad\udcff*.png"])
     assert items[:4] == [Item(long_name), Item(str(good)), Item(str(tmp_path / "f.png")), Item(str(good))]
     assert items[4].error == "bad\udcff*.png: no files match this pattern"
+    assert expand_glob("nul\0*.png") == [] and expand_inputs(["nul\0.png"]) == [Item("nul\0.png")]
 
 
 # ---- preprocessing limits, in process ---------------------------------------------------------------
