@@ -179,16 +179,21 @@ def read_graph_file(root: Path, name: str, entry: dict) -> bytes:
     whose size and SHA-256 are those of `entry` ({sha256, bytes}, already validated)."""
     path = root / name
     real = _inside(root.resolve(), path, name)
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    fd = None
     try:
-        fd = os.open(real, flags)  # non-blocking: a FIFO must not hang the load; no symlink swapped in since
+        st = os.stat(real)  # classified before opening: opening a socket fails, a FIFO would block
+        if stat.S_ISREG(st.st_mode):
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+            fd = os.open(real, flags)  # non-blocking and no symlink: nothing swapped in since can hang or lead out
+            st = os.fstat(fd)
     except OSError as e:
         raise BundleError(f"{path}: cannot be opened ({e.strerror or e}); {FIX_FILE}") from None
+    if not stat.S_ISREG(st.st_mode):
+        if fd is not None:  # it was swapped for something else after the first look
+            os.close(fd)
+        raise BundleError(f"{path} is not a regular file ({_kind(st.st_mode)}); a bundle's graphs are "
+                          f"plain files: {FIX_FILE}")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{path} is not a regular file ({_kind(st.st_mode)}); a bundle's graphs are "
-                              f"plain files: {FIX_FILE}")
         if st.st_size != entry["bytes"]:
             raise BundleError(f"{path} is {st.st_size} bytes, the manifest says {entry['bytes']}: the file was "
                               f"changed after export; {FIX_FILE}")
