@@ -7,12 +7,9 @@ quantized (export/quantize.py) and validated again, on real images, with their p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import captool
 from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256_file
+from captool.errors import CaptoolError
+from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
 from captool.preprocess import RESIZE_POLICY
 
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
@@ -59,6 +58,7 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise ExportError(f"--min-agreement must be a share between 0 and 1, got {min_agreement}")
     out = Path(out)
+    clear_leftovers(out)
     check_target(out, overwrite)
     if images is not None and precision == "fp32":
         image_files(images)  # a bad --images fails now, not after the export
@@ -68,10 +68,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         calibration_set, validation_set = real_images(checkpoint, model.config.image_size, precision, images,
                                                       calibration, calibration_images, validation_images)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the bundle gets a plain directory's mode
+    tmp = make_temp_dir(out)  # .NAME.XXXXXXXX.tmp, held (locked) while this export works in it
+    busy = hold(tmp)
     try:
         specs = io_specs(model.config)
         seconds: dict[str, float] = {}
@@ -113,9 +111,11 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             manifest["parity"]["fp32_graphs"] = fp32_summary(fp32_report)
         write_manifest(tmp, manifest)
         replace_dir(tmp, out, overwrite)
-    except BaseException:
+    except BaseException:  # Ctrl-C, and SIGTERM in the CLI, too; a kill -9 leaves it to clear_leftovers
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(busy)
     return report
 
 
@@ -188,32 +188,29 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 def _is_bundle(path: Path) -> bool:
     try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_json(path / MANIFEST).get("format") == FORMAT
+    except (CaptoolError, AttributeError):
         return False
 
 
+def clear_leftovers(out: Path) -> None:
+    """What killed exports of `out` left: the old bundle put back if a kill struck between --force's
+    two renames, and temporary directories no running export holds removed."""
+    started = time.time()
+    restore_aside(out)
+    remove_stale(out, older_than=started)
+    remove_stale(out, "old-", older_than=started)
+
+
 def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished bundle into place; an old bundle is moved aside first and removed after."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    check_target(out, overwrite)
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the finished bundle in place: at every instant `out` holds the old bundle or the new one."""
+    if out.exists():
+        check_target(out, overwrite)
+    swap_into_place(tmp, out)
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    path = root / MANIFEST
-    part = path.with_suffix(".json.tmp")
-    part.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(part, path)
+    write_json(root / MANIFEST, manifest, indent=2)
 
 
 def build_manifest(model, root: Path, graphs: dict, *, opset: int, precision: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -75,6 +76,23 @@ def errors_to_exit(code: int = 2) -> Iterator[None]:
         raise fail(str(e), code) from None
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) runs the same clean-up as Ctrl-C: no temporary files are left behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write the dataset into (COCO captions format).")],
@@ -138,15 +156,21 @@ def train_command(
         given.update(seed_run)
     with errors_to_exit():
         training = need("captool.training.train")
-        if resume:
-            config = training.resume_config(out, **given)
-        elif data is None:
-            raise fail("--data is required (except with --resume)")
-        else:
-            config = training.TrainConfig(**given)
-        run = training.TrainingRun(config, resume=resume)
-    with errors_to_exit(code=1):
-        result = run.fit()
+    try:
+        with terminate_as_interrupt():
+            with errors_to_exit():
+                if resume:
+                    config = training.resume_config(out, **given)
+                elif data is None:
+                    raise fail("--data is required (except with --resume)")
+                else:
+                    config = training.TrainConfig(**given)
+                run = training.TrainingRun(config, resume=resume)
+            with errors_to_exit(code=1):
+                result = run.fit()
+    except KeyboardInterrupt:  # every epoch is committed whole: say which one, and how to go on
+        typer.echo(f"captool: {training.interrupted(out)}", err=True)
+        raise typer.Exit(code=130) from None
     typer.echo(result.summary())
 
 
@@ -169,7 +193,9 @@ def export_command(
 
     Exit 0: bundle written; 1: validation failed (the table says where; nothing written); 2: usage or checkpoint error.
     """
-    with errors_to_exit():
+    if out.exists() and not force:  # before torch is imported: that alone takes seconds
+        raise fail(f"{out} already exists; pass --force to replace it")
+    with errors_to_exit(), terminate_as_interrupt():
         need("onnx")  # first, so that a box without torch and onnx is told the 'export' extra
         export = need("captool.export")
         try:
@@ -181,6 +207,8 @@ def export_command(
                 raise
             typer.echo(e.report.table())
             raise fail(str(e), code=1) from None
+        except KeyboardInterrupt:  # the temporary directory is gone already; --out is as it was
+            raise fail(f"interrupted; {out} was left as it was", code=130) from None
     typer.echo(report.table())
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.iterdir()) if p.suffix == ".onnx")
     typer.echo(f"export: wrote {out} ({sizes})")
