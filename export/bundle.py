@@ -26,7 +26,7 @@ from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calib
 from .graphs import (DEFAULT_OPSET, check_graph, export_attention_cache, export_cached_step, export_decoder_step,
                      export_encoder, io_specs)
 from .quantize import convert_fp16, quantize_decoder_step, quantize_encoder
-from .validate import BATCH_SIZES, ExportError, ParityReport, image_files, load_model, verify_bundle
+from .validate import BATCH_SIZES, ExportError, ParityReport, image_files, load_model, tolerance_for, verify_bundle
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -37,7 +37,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
                   batch_sizes: Sequence[int] = BATCH_SIZES, calibration: str | Path | None = None,
                   calibration_images: int = CALIBRATION_IMAGES,
                   validation_images: int = VALIDATION_IMAGES,
-                  min_agreement: Optional[float] = None) -> ParityReport:
+                  min_agreement: Optional[float] = None, atol: Optional[float] = None,
+                  rounding_factor: Optional[float] = None, rel_err: Optional[float] = None) -> ParityReport:
     """Export `checkpoint` (run dir, model file or a CaptioningRNN) to the bundle directory `out`.
 
     The bundle appears at `out` only if validation passes; otherwise ExportError(report) is raised
@@ -52,11 +53,15 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             dataset's val split is the validation set (a plain folder: its own images).
         min_agreement: fp16/int8: the share of validation images whose caption must equal PyTorch's
             (default: the precision's, validate.TOLERANCES).
+        atol, rounding_factor: the fp32 graphs' bound, per row of each output: max |bundle - torch| <=
+            atol + rounding_factor x PyTorch's own float32 error on that row (default 0 and 16).
+        rel_err: fp16/int8: the bound on each output's ||bundle - torch|| / ||torch||.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not available; choose one of {', '.join(PRECISIONS)}")
-    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
-        raise ExportError(f"--min-agreement must be a share between 0 and 1, got {min_agreement}")
+    tolerance_for(precision, atol=atol, rounding_factor=rounding_factor, rel_err=rel_err,
+                  min_agreement=min_agreement)  # a bad option fails now, not after the export
+    bounds = {"atol": atol, "rounding_factor": rounding_factor}
     out = Path(out)
     clear_leftovers(out)
     check_target(out, overwrite)
@@ -85,11 +90,12 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         write_manifest(tmp, manifest)
 
         start = time.perf_counter()
-        report = verify_bundle(tmp, model, images=images if precision == "fp32" else None, batch_sizes=batch_sizes)
+        report = verify_bundle(tmp, model, images=images if precision == "fp32" else None, batch_sizes=batch_sizes,
+                               **bounds)
         seconds["validation"] = round(time.perf_counter() - start, 3)
         if not report.ok:
-            raise ExportError(f"the exported graphs differ from the PyTorch model; no bundle was written to {out}",
-                              report=report)
+            raise ExportError(f"the exported graphs differ from the PyTorch model: {report.failure()}; "
+                              f"no bundle was written to {out}", report=report)
         fp32_report = report
         if precision != "fp32":
             start = time.perf_counter()
@@ -100,11 +106,11 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             write_manifest(tmp, manifest)
             start = time.perf_counter()
             report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes,
-                                   min_agreement=min_agreement)
+                                   min_agreement=min_agreement, rel_err=rel_err)
             seconds["validation"] = round(seconds["validation"] + time.perf_counter() - start, 3)
             if not report.ok:
                 raise ExportError(f"the {precision} graphs are further from the PyTorch model than {precision} "
-                                  f"allows; no bundle was written to {out}", report=report)
+                                  f"allows: {report.failure()}; no bundle was written to {out}", report=report)
         manifest["exporter"]["seconds"]["validation"] = seconds["validation"]
         manifest["parity"] = report.to_json()
         if precision != "fp32":
@@ -167,8 +173,11 @@ def lower_precision(tmp: Path, precision: str, specs: dict, graphs: dict, calibr
 
 def fp32_summary(report: ParityReport) -> dict:
     """The fp32 graphs' proof, in short: the quantized bundle was made from graphs equal to PyTorch."""
-    return {"ok": report.ok, "atol": report.atol, "rtol": report.rtol,
-            "max_abs": {f"{d.graph}.{d.output}": d.max_abs for d, _ in report.worst()},
+    worst = report.worst()
+    return {"ok": report.ok, "atol": report.atol, "rounding_factor": report.rounding_factor,
+            "bound": report.tolerance.describe(),
+            "max_abs": {f"{d.graph}.{d.output}": d.max_abs for d, _ in worst},
+            "of_bound": {f"{d.graph}.{d.output}": round(d.bound, 4) for d, _ in worst},
             "batch_sizes": [b.batch_size for b in report.batches],
             "equal": sum(b.equal for b in report.batches), "images": sum(b.batch_size for b in report.batches)}
 

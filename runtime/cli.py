@@ -174,6 +174,13 @@ def train_command(
     typer.echo(result.summary())
 
 
+# The parity bounds export and verify share (docs/export.md, "How equal is equal").
+_ROUNDING_HELP = ("fp32 graphs: each row of each output may differ from PyTorch by this many times PyTorch's own "
+                  "float32 rounding error on that row (measured against float64) [default: 16].")
+_ATOL_HELP = "fp32 graphs: absolute slack added to every row's bound [default: 0]."
+_REL_ERR_HELP = "fp16/int8: the bound on each output's ||bundle - torch|| / ||torch|| [default: 0.02 fp16, 0.25 int8]."
+
+
 @app.command("export")
 def export_command(
     run_dir: Annotated[Path, typer.Argument(help="Checkpoint run directory (or its model.json) from `captool train`.")],
@@ -188,6 +195,9 @@ def export_command(
                                                              "(its train split); default: the run's training data.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="fp16/int8: share of validation images whose caption "
                                                                 "must equal PyTorch's (default 0.98 fp16, 0.85 int8).")] = None,
+    rounding_factor: Annotated[Optional[float], typer.Option(help=_ROUNDING_HELP, show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option(help=_ATOL_HELP, show_default=False)] = None,
+    rel_err: Annotated[Optional[float], typer.Option(help=_REL_ERR_HELP, show_default=False)] = None,
 ) -> None:
     """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
 
@@ -201,7 +211,8 @@ def export_command(
         try:
             report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
                                           precision=precision, calibration=calibration,
-                                          min_agreement=min_agreement)
+                                          min_agreement=min_agreement, rounding_factor=rounding_factor,
+                                          atol=atol, rel_err=rel_err)
         except export.ExportError as e:
             if e.report is None:
                 raise
@@ -220,17 +231,22 @@ def verify_command(
     checkpoint: Annotated[Path, typer.Option(help="The checkpoint run directory the bundle was exported from.")],
     images: Annotated[Optional[Path], typer.Option(help="Also validate on the image files in this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parity report as one JSON object.")] = False,
+    rounding_factor: Annotated[Optional[float], typer.Option(help=_ROUNDING_HELP, show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option(help=_ATOL_HELP, show_default=False)] = None,
+    rel_err: Annotated[Optional[float], typer.Option(help=_REL_ERR_HELP, show_default=False)] = None,
 ) -> None:
-    """Prove a bundle equal to its checkpoint's PyTorch model: tensors within 1e-4, greedy tokens identical.
+    """Prove a bundle equal to its checkpoint's PyTorch model: tensors within float32 rounding, greedy tokens identical.
 
     Exit 0: equal; 1: they differ (or the bundle is of another checkpoint); 2: usage, bundle or checkpoint error.
     """
     with errors_to_exit():
         need("onnx")
         export = need("captool.export")
-        report = export.verify_bundle(bundle, checkpoint, images=images)
+        report = export.verify_bundle(bundle, checkpoint, images=images, rounding_factor=rounding_factor,
+                                      atol=atol, rel_err=rel_err)
     typer.echo(json.dumps(report.to_json()) if as_json else report.table())
-    raise typer.Exit(code=0 if report.ok else 1)
+    if not report.ok:
+        raise typer.Exit(code=1) if as_json else fail(report.failure(), code=1)
 
 
 @app.command("run")
@@ -379,8 +395,9 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the summary.")] = False,
 ) -> None:
     """What a bundle is: cell, dimensions, vocabulary, precision, files and sizes, parity at export, providers here."""
+    from captool.models import default_bundle
+
     from .info import bundle_info, info_text
-    from .run import default_bundle
 
     with errors_to_exit():
         info = bundle_info(bundle if bundle is not None else default_bundle())
