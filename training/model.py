@@ -14,15 +14,13 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from captool.bundle import STATE_FROM_ENCODER, STATE_FROM_STEP
+from captool.bundle import CELL_TYPES, STATE_FROM_ENCODER, STATE_FROM_STEP
 from captool.vocab import Vocab
 
 from .backbone import FeatureExtractor
 from .errors import TrainingError
 from .layers import (LSTM, RNN, AttentionLSTM, WordEmbedding, attention_cache, cached_attention_step,
                      dot_product_attention, temporal_softmax_loss)
-
-CELL_TYPES = ("rnn", "lstm", "attention")
 
 
 @dataclass(frozen=True)
