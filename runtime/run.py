@@ -15,7 +15,6 @@ import queue
 import stat
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
@@ -26,6 +25,7 @@ from .bundle import MANIFEST
 from .errors import BundleError, CaptoolError, ImageError
 from .inputs import Item, expand_inputs
 from .preprocess import _one_line, preprocess
+from .progress import Progress, on_terminal
 
 DEFAULT_BUNDLE = "shapes-attention"
 PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
@@ -186,39 +186,11 @@ def caption_items(captioner, items: Sequence[Item], *, batch_size: int = 32, bea
                 yield Record(item.path, error=item.error or f"{item.path}: {failure}")
 
 
-class Progress:
-    """A one-line progress bar on stderr, drawn only for many inputs on a terminal."""
-
-    def __init__(self, total: int, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None):
-        stream = stream or sys.stderr
-        if enabled is None:
-            enabled = total >= PROGRESS_MIN and hasattr(stream, "isatty") and stream.isatty()
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.start, self._last, self._drawn = 0, time.perf_counter(), 0.0, False
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.2 or self.done == self.total or not self._drawn):
-            self._last, self._drawn = now, True
-            rate = self.done / max(now - self.start, 1e-9)
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                              f"images, {rate:.1f}/s ")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        """Wipe the bar's line, so that a line written to a terminal starts clean."""
-        if self._drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()  # before a record goes to the terminal through its own descriptor
-            self._drawn = False
-
-    def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+def progress_bar(total: int, stream: IO[str], enabled: Optional[bool] = None) -> Progress:
+    """`captool run`'s bar: drawn only for many inputs on a terminal; never lines in a log (stderr carries errors)."""
+    if enabled is None:
+        enabled = total >= PROGRESS_MIN and on_terminal(stream)
+    return Progress(total=total, unit="images", stream=stream, live=enabled, lines=False)
 
 
 class Output:
@@ -347,5 +319,5 @@ def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, dev
     records = caption_items(captioner, items, batch_size=batch_size, beam_size=beam_size,
                             max_length=max_length, length_penalty=length_penalty)
     with contextlib.closing(records):  # stop the loader thread at once on an error
-        failed = write_records(records, out, err, as_json, Progress(len(items), err, progress))
+        failed = write_records(records, out, err, as_json, progress_bar(len(items), err, progress))
     return 1 if failed else 0

@@ -18,7 +18,7 @@ from captool import Captioner, sessions
 from captool import run as run_module
 from captool.cli import app
 from captool.errors import BundleError
-from captool.run import Item, Progress, default_bundle, expand_inputs, load_batches
+from captool.run import Item, default_bundle, expand_inputs, load_batches, progress_bar
 
 runner = CliRunner()
 
@@ -231,7 +231,7 @@ def test_progress_bar_only_on_a_terminal_for_many_inputs():
 
     quiet, loud, few = io.StringIO(), Terminal(), Terminal()
     for stream, total in ((quiet, 100), (loud, 100), (few, 3)):
-        bar = Progress(total, stream)
+        bar = progress_bar(total, stream)
         for _ in range(total):
             bar.update()
         bar.close()
