@@ -8,7 +8,6 @@ while the inputs around it are still captioned, in input order.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import queue
@@ -21,47 +20,17 @@ from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .bundle import MANIFEST
-from .errors import BundleError, CaptoolError, ImageError
+from .errors import CaptoolError, ImageError
 from .inputs import Item, expand_inputs
 from .preprocess import _one_line, preprocess
 from .progress import Progress, on_terminal
 
-DEFAULT_BUNDLE = "shapes-attention"
 PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
 OUTPUT_ERROR_EXIT = 3  # `captool run`'s exit status when the records cannot be written
 
 
 class OutputError(CaptoolError):
     """The records cannot be written (a full disk, a closed or read-only stdout)."""
-
-
-def default_bundle() -> Path:
-    """The bundle `captool run` uses without --model, looked for in this order:
-
-    1. $CAPTOOL_MODEL, if set (a bundle directory);
-    2. the package data of an installed captool: <site-packages>/captool/models/shapes-attention;
-    3. the `captool.models` package wherever it maps to (an editable install maps it to models/);
-    4. a source checkout: <repo>/models/shapes-attention beside runtime/.
-    """
-    env = os.environ.get("CAPTOOL_MODEL")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parent
-    candidates = [here / "models" / DEFAULT_BUNDLE]
-    try:
-        spec = importlib.util.find_spec("captool.models")
-    except (ImportError, ValueError):
-        spec = None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidates.append(Path(location) / DEFAULT_BUNDLE)
-    candidates.append(here.parent / "models" / DEFAULT_BUNDLE)
-    for candidate in candidates:
-        if (candidate / MANIFEST).is_file():
-            return candidate
-    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise BundleError(f"no --model given and no default bundle found (looked in {looked}); pass --model "
-                      f"BUNDLE (a directory written by `captool export`) or set CAPTOOL_MODEL")
 
 
 @dataclass
@@ -294,7 +263,8 @@ def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, dev
                batch_size: int = 32, beam_size: int = 1, max_length: Optional[int] = None,
                length_penalty: float = 0.0, threads: Optional[int] = None, as_json: bool = False,
                verbose: bool = False, out: Optional[IO[str]] = None, err: Optional[IO[str]] = None,
-               progress: Optional[bool] = None, on_start: Optional[Callable[[], None]] = None) -> int:
+               progress: Optional[bool] = None, on_start: Optional[Callable[[], None]] = None,
+               io_binding: bool = True, attention_cache: Optional[bool] = None, spin: bool = True) -> int:
     """`captool run` as a function: 0 all captioned, 1 some input failed. Bundle and device
     problems raise (BundleError, DeviceError) before any image is read; the CLI makes them exit 2.
     A record that cannot be written raises OutputError (exit OUTPUT_ERROR_EXIT). `on_start` is
@@ -306,8 +276,8 @@ def run_inputs(inputs: Sequence[str], *, model: Optional[str | Path] = None, dev
                           "redirect it to a file")
     from .captioner import Captioner
 
-    captioner = Captioner(model if model is not None else default_bundle(), device=device, threads=threads,
-                          verbose=verbose)
+    captioner = Captioner(model, device=device, threads=threads, verbose=verbose, io_binding=io_binding,
+                          attention_cache=attention_cache, spin=spin)  # model None: the shipped bundle
     if captioner.notice:
         err.write(f"captool: {captioner.notice}\n")
     if verbose:

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from captool import Captioner, sessions
 from captool import run as run_module
 from captool.cli import app
 from captool.errors import BundleError
-from captool.run import Item, default_bundle, expand_inputs, load_batches, progress_bar
+from captool.models import default_bundle
+from captool.run import Item, expand_inputs, load_batches, progress_bar
 
 runner = CliRunner()
 
@@ -170,24 +172,23 @@ def test_default_bundle_from_environment(bundle, tmp_path, monkeypatch):
     assert result.exit_code == 0 and "caption" in json.loads(result.stdout)
 
 
-def test_default_bundle_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("CAPTOOL_MODEL", raising=False)
-    monkeypatch.setattr(run_module, "DEFAULT_BUNDLE", "no-such-bundle")
-    with pytest.raises(BundleError, match="no --model given and no default bundle found .*no-such-bundle"):
+@pytest.mark.parametrize("value", ["", "  ", "/no/such/bundle", __file__])
+def test_default_bundle_variable_that_names_no_directory_is_a_clear_error(value, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTOOL_MODEL", value)
+    with pytest.raises(BundleError, match="CAPTOOL_MODEL=.* is not a bundle directory: set it to .* or unset it"):
         default_bundle()
+    result = run(picture(tmp_path / "a.png", 0), "--json")
+    assert result.exit_code == 2 and "CAPTOOL_MODEL" in result.stderr and result.stdout == ""
 
 
-@pytest.mark.parametrize("layout", ["checkout", "installed"])
-def test_default_bundle_is_found_beside_the_package(bundle, tmp_path, monkeypatch, layout):
-    # checkout: <repo>/runtime/run.py with <repo>/models/NAME; installed: captool/run.py with captool/models/NAME.
+def test_default_bundle_is_the_shipped_one_in_the_models_package(monkeypatch):
+    import captool.models
+
     monkeypatch.delenv("CAPTOOL_MODEL", raising=False)
-    package = tmp_path / "pkg" / "runtime"
-    package.mkdir(parents=True)
-    where = (package.parent if layout == "checkout" else package) / "models" / run_module.DEFAULT_BUNDLE
-    shutil.copytree(bundle, where)
-    monkeypatch.setattr(run_module, "__file__", str(package / "run.py"))
-    monkeypatch.setattr(run_module.importlib.util, "find_spec", lambda name: None)
-    assert default_bundle() == where
+    assert default_bundle() == Path(captool.models.__file__).resolve().parent / "shapes-attention"
+    monkeypatch.setattr(captool.models, "DEFAULT_BUNDLE", "no-such-bundle")
+    with pytest.raises(BundleError, match="the shipped bundle is missing from this install .*no-such-bundle"):
+        default_bundle()
 
 
 # --- streaming ---------------------------------------------------------------------------------
