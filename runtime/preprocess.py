@@ -7,9 +7,11 @@ pixels outside the graph is in this file, and the manifest names the policy (`RE
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -20,6 +22,10 @@ from .errors import ImageError
 
 IMAGE_SIZE = 112
 RESIZE_POLICY = "shorter-side-bilinear-center-crop"
+# The version of everything this file does to pixels (docs/bundle-format.md, "Preprocessing"): a
+# bundle names the version it was trained with (manifest image.preprocessing) and is run only with
+# that one. captool-1: integer sizes, the horizontal pass then the vertical one, on any Pillow >= 10.
+PREPROCESSING = "captool-1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -30,7 +36,18 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 # (ratio × size²) pixels, so a 1,000,000×1 file would otherwise ask for ~37 GB however small it is.
 MAX_ASPECT_RATIO = 100
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, read by someone else (an engine such as Ray, an upload), and the name
+    the file goes by: decoded exactly as the file at `name` would be, with the same errors."""
+
+    data: bytes
+    name: str
+
+
+ImageSource = Union[str, os.PathLike, EncodedImage, Image.Image, np.ndarray]
 
 _WHITE = (255, 255, 255)
 
@@ -45,27 +62,40 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode == "P":
-        img = img.convert("RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_bit_depth_to_rgb(img)
-    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's own conversions are right for these.
-    return img.convert("RGB")
+    if mode == "YCbCr":
+        return _ycbcr_to_rgb(img)
+    if mode in ("L", "1", "CMYK", "RGBX"):
+        return img.convert("RGB")  # Pillow's conversions, each a documented integer formula
+    raise ImageError(f"mode {mode} is not one captool converts (docs/bundle-format.md lists them); "
+                     f"convert the image to RGB first")
 
 
 def _high_bit_depth_to_rgb(img: Image.Image) -> Image.Image:
     """16-bit (and 32-bit int / float) grey scaled into 0..255 rather than clipped at 255."""
     a = np.asarray(img).astype(np.float64)
+    a[np.isnan(a)] = 0.0  # a float image's NaN is black
     if img.mode.startswith("I;16") or (img.mode == "I" and a.max(initial=0) > 255):
-        a = a / 257.0  # 65535 -> 255
+        a = a / 257.0  # 65535 -> 255; never exactly half-way between two integers
     elif img.mode == "F" and a.max(initial=0) <= 1.0:
         a = a * 255.0
-    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)  # rint: half to even
     return Image.fromarray(grey).convert("RGB")
+
+
+def _ycbcr_to_rgb(img: Image.Image) -> Image.Image:
+    """JFIF's YCbCr -> RGB in float64, rounded half to even (Pillow's own tables round otherwise)."""
+    y, cb, cr = (c.astype(np.float64) for c in np.moveaxis(np.asarray(img), 2, 0))
+    rgb = np.stack([y + 1.402 * (cr - 128.0),
+                    y - 0.344136 * (cb - 128.0) - 0.714136 * (cr - 128.0),
+                    y + 1.772 * (cb - 128.0)], axis=2)  # (H, W, 3)
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
 
 
 def _one_line(e: BaseException) -> str:
@@ -138,6 +168,9 @@ def _decode(file, name: str) -> Image.Image:
                 _check_shape(*img.size, name)  # from the header, before any pixel is decoded
                 img.seek(0)  # animated GIF/PNG/WebP: the first frame
                 img.load()
+                if img.format == "PNG" and img.mode == "I":
+                    # 16-bit grey PNG: Pillow < 11 opens it as I, later ones as I;16. The same rule for both.
+                    img = img.convert("I;16")
                 # EXIF is read from the file here; the transposed copy outlives the closed file.
                 return _upright(img)
     except ImageError:
@@ -173,6 +206,8 @@ def load_image(source: ImageSource) -> Image.Image:
         img, name = _upright(source), "image"
     elif isinstance(source, (str, os.PathLike)):
         img, name = _open(Path(source)), str(source)
+    elif isinstance(source, EncodedImage):
+        img, name = _decode(io.BytesIO(source.data), source.name), source.name
     else:
         raise ImageError(f"unsupported image input of type {type(source).__name__}: pass a path, a PIL image or an array")
     try:
@@ -181,15 +216,32 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageError(f"{name}: cannot convert mode {img.mode} to RGB ({_one_line(e)})") from None
 
 
+def resized_size(width: int, height: int, size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """The size before the crop: the shorter side becomes `size`, the longer one keeps the aspect ratio.
+
+    In integers, rounding half up: round(L·size/m) = (2·L·size + m) // (2·m), m the shorter side.
+    (A float product rounds the exact half-way cases either way, by the last bit of size/m.)
+    """
+    m = min(width, height)
+    return (2 * width * size + m) // (2 * m), (2 * height * size + m) // (2 * m)
+
+
 def resize_crop(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
-    """RESIZE_POLICY: scale the shorter side to `size` (bilinear, antialiased), then centre-crop."""
+    """RESIZE_POLICY: scale the shorter side to `size` (bilinear, antialiased), then centre-crop.
+
+    The two passes are made one at a time, horizontal then vertical: each single-axis resize is one
+    pass of Pillow's fixed-point filter, while a two-axis resize leaves the order to Pillow (13 runs
+    the vertical pass first for tall images) and the rounding between the passes with it.
+    """
     w, h = img.size
     if (w, h) == (size, size):
         return img
     _check_shape(w, h, "image")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    nw, nh = resized_size(w, h, size)
+    if nw != w:
+        img = img.resize((nw, h), Image.BILINEAR)  # (H, W) -> (H, W')
+    if nh != h:
+        img = img.resize((nw, nh), Image.BILINEAR)  # (H, W') -> (H', W')
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
 
