@@ -1,4 +1,5 @@
-"""Folding the word embedding into the cell's input projection of the exported decoder step.
+"""Folding constants into the exported graphs: the word embedding into the decoder step's input
+projection, and the input normalization into the encoder's first convolution (fold_normalization).
 
 Every cell starts its step with `W_embed[token] @ Wx + b`: a lookup, then a (W × G) matrix product
 and a bias add, where G is H (rnn) or 4H (lstm, attention). Both factors are constants, so the
@@ -120,3 +121,77 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     for init in list(graph.initializer):
         if init.name not in used:
             graph.initializer.remove(init)
+
+
+# ---- the encoder: the input normalization into the first convolution ---------------------------------
+
+
+def fold_normalization(model: onnx.ModelProto) -> bool:
+    """Rewrite `Conv((x·s - mean) / std, W, B)` into `Conv(x - mean/s, W·s/std, B)`, in place.
+
+    The encoder starts with `Cast(image) / 255`, `- mean`, `/ std` over every pixel: three passes over
+    3×S×S floats before the first convolution. Scaling the convolution's input channels is the same
+    as scaling its weights' input channels, so the two Divs go into W. The Sub stays, as a Sub of
+    mean/s: the convolution pads with zeros in normalized space, which is `x = mean/s`, not `x = 0`,
+    so a bias could not stand in for it at the borders. Applies only where the first Div is by a
+    scalar, mean and std are (1, C, 1, 1) or (C,)-shaped float32 initializers and the Conv (group 1)
+    has a float32 initializer for weight; returns False, leaving the graph untouched, when the pattern is not there.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    for conv in graph.node:
+        if conv.op_type != "Conv" or conv.input[1] not in inits:
+            continue
+        chain = _normalization_chain(graph, conv.input[0], inits, readers, outputs)
+        if chain is None:
+            continue
+        scale_div, sub, std_div, scale, mean, std = chain
+        weight = numpy_helper.to_array(inits[conv.input[1]])  # (Cout, Cin / group, kH, kW)
+        if weight.dtype != np.float32 or weight.ndim != 4 or _group(conv) != 1 or weight.shape[1] != mean.size:
+            continue
+        # ((x·s) - mean) / std == (x - mean/s) / (std/s): the shift and the divisor in pixel units.
+        per_channel = std.reshape(-1).astype(np.float64) / scale  # (Cin,)
+        folded = weight.astype(np.float64) / per_channel[None, :, None, None]  # (Cout, Cin, kH, kW)
+        shift = (mean.reshape(-1).astype(np.float64) / scale).reshape(1, -1, 1, 1)  # (1, Cin, 1, 1)
+        weight_name, shift_name = f"{conv.input[1]}_normalized", f"{sub.input[1]}_in_pixels"
+        graph.initializer.append(numpy_helper.from_array(folded.astype(np.float32), weight_name))
+        graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), shift_name))
+        sub.input[0], sub.input[1] = scale_div.input[0], shift_name  # x - mean/s, x the Div's input
+        conv.input[0], conv.input[1] = sub.output[0], weight_name
+        graph.node.remove(scale_div)
+        graph.node.remove(std_div)
+        _drop_unused_initializers(graph)
+        _forget_shapes(graph, {scale_div.output[0], sub.output[0], std_div.output[0]})
+        return True
+    return False
+
+
+def _normalization_chain(graph, value: str, inits, readers, outputs):
+    """(Div by 1/s, Sub of mean, Div by std, s, mean, std) for the chain ending in `value`, or None;
+    s multiplies the pixels (1/255 for a Div by 255)."""
+    std_div = _producer(graph, value)
+    if std_div is None or std_div.op_type != "Div" or std_div.input[1] not in inits:
+        return None
+    sub = _producer(graph, std_div.input[0])
+    if sub is None or sub.op_type != "Sub" or sub.input[1] not in inits:
+        return None
+    scale_div = _producer(graph, sub.input[0])
+    if scale_div is None or scale_div.op_type != "Div" or scale_div.input[1] not in inits:
+        return None
+    for node in (scale_div, sub, std_div):  # every intermediate read once, by the next node only
+        if readers.get(node.output[0], 0) != 1 or node.output[0] in outputs:
+            return None
+    divisor, mean, std = (numpy_helper.to_array(inits[n.input[1]]) for n in (scale_div, sub, std_div))
+    if any(a.dtype != np.float32 for a in (divisor, mean, std)) or divisor.size != 1:
+        return None
+    if mean.size != std.size or any(a.shape not in ((a.size,), (1, a.size, 1, 1)) for a in (mean, std)):
+        return None
+    if np.any(std == 0) or float(divisor.reshape(())) == 0:
+        return None
+    return scale_div, sub, std_div, 1.0 / float(divisor.reshape(())), mean, std
+
+
+def _group(conv: onnx.NodeProto) -> int:
+    return next((a.i for a in conv.attribute if a.name == "group"), 1)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from captool.bundle import STATE_FROM_ENCODER, cache_signature, graph_signature
 
-from .fold import fold_input_projection
+from .fold import fold_input_projection, fold_normalization
 from .validate import ExportError
 
 MIN_OPSET = 18  # the dynamo exporter writes 18 natively; its conversion down to 17 breaks Split (docs/export.md)
@@ -121,10 +121,16 @@ def example_images(model: nn.Module, batch: int = TRACE_BATCH) -> Tensor:
     return torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
 
 
-def export_encoder(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH) -> None:
-    """Trace `model.encode` into `path` (model on CPU, float32, eval)."""
+def export_encoder(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH,
+                   fold: bool = True) -> None:
+    """Trace `model.encode` into `path` (model on CPU, float32, eval).
+
+    fold: the input normalization's two Divs into the first convolution's weights
+    (captool.export.fold.fold_normalization says why the Sub stays).
+    """
     names = graph_signature(model.config.cell_type)["encoder"]
-    _export(EncoderGraph(model), (example_images(model, batch),), names["inputs"], names["outputs"], path, opset)
+    _export(EncoderGraph(model), (example_images(model, batch),), names["inputs"], names["outputs"], path, opset,
+            rewrite=fold_normalization if fold else None)
 
 
 def export_decoder_step(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET, batch: int = TRACE_BATCH,
