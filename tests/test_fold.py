@@ -85,7 +85,7 @@ def normalization_graph(group: int = 1, pads: int = 1) -> onnx.ModelProto:
              helper.make_node("Div", ["m", "std"], ["n"]),
              helper.make_node("Conv", ["n", "w", "b"], ["y"], pads=[pads] * 4, strides=[2, 2], group=group)]
     graph = helper.make_graph(nodes, "front", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 9, 9])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c_out, "H", "W"])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
