@@ -22,7 +22,7 @@ def caption_dataset(paths: Union[str, Sequence[str]], bundle: Union[str, Path, B
                     by_value: bool = True, device: str = "cpu", actors: int = 2, cpus_per_actor: float = 1.0,
                     gpus_per_actor: float = 0.0, threads: Optional[int] = None, batch_size: int = 32,
                     beam_size: int = 1, max_length: Optional[int] = None, length_penalty: float = 0.0,
-                    read_concurrency: int = READ_CONCURRENCY) -> "ray.data.Dataset":
+                    read_concurrency: int = READ_CONCURRENCY, actor: type = CaptionActor) -> "ray.data.Dataset":
     """Image files (or folders of them, or s3://... URIs) captioned by `actors` CaptionActors.
 
     Files are read with `read_binary_files(include_paths=True)` and decoded by captool's own
@@ -40,6 +40,7 @@ def caption_dataset(paths: Union[str, Sequence[str]], bundle: Union[str, Path, B
         cpus_per_actor: Ray CPUs each actor holds; its onnxruntime threads default to this many.
             The read tasks hold none, so actors x cpus_per_actor may be all of a node's CPUs.
         batch_size: images per actor call (per onnxruntime batch).
+        actor: the class the actors run: CaptionActor, or a subclass (one that adds metrics, say).
     """
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
@@ -57,7 +58,7 @@ def caption_dataset(paths: Union[str, Sequence[str]], bundle: Union[str, Path, B
     ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, concurrency=read_concurrency,
                                     file_extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS])
     return ds.map_batches(
-        CaptionActor,
+        actor,
         fn_constructor_kwargs={"bundle": shipped, "device": device, "threads": threads or max(1, round(cpus_per_actor)),
                                "beam_size": beam_size, "max_length": max_length, "length_penalty": length_penalty,
                                "expect": expect},

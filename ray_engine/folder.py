@@ -74,14 +74,17 @@ def open_folder(out: Path, bundle: str) -> dict:
 def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Optional[str] = None,
                       bundle: str | Path | None = None, by_value: bool = True, actors: int = 2,
                       cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, device: str = "cpu",
+                      threads: Optional[int] = None,
                       batch_size: int = 32, beam_size: int = 1, max_length: Optional[int] = None,
-                      length_penalty: float = 0.0, on_part: Optional[Callable[[int], None]] = None) -> dict:
+                      length_penalty: float = 0.0, on_part: Optional[Callable[[int], None]] = None,
+                      actor: Optional[type] = None) -> dict:
     """Caption `inputs` (captool run's arguments: files, folders, globs) into the folder `out`.
 
     Inputs are expanded here by captool's own rule, so the records are `captool run --json`'s; those
     already in `out` are skipped. Joins the cluster at `address` ("auto", "ray://...", host:port;
     None: the running one or a new local one). Returns the folder's summary
-    (inputs, written now, failed, parts). `on_part(n)` is called after each committed part.
+    (inputs, written now, failed, parts). `on_part(n)` is called after each committed part, with the
+    records written so far; `actor` replaces CaptionActor (a subclass of it).
     """
     import ray
 
@@ -94,6 +97,8 @@ def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Option
     out = Path(out)
     state = open_folder(out, bundle_id(bundle))
     items = expand_inputs(list(inputs))
+    state.update(complete=False, inputs=len(items))
+    write_state(out, state)
     done = written_paths(out)
     todo: list[Item] = []
     for item in items:  # an input named n times needs n records
@@ -128,12 +133,16 @@ def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Option
             given[os.path.abspath(it.path)].append(it.path)
         ds = caption_dataset([os.path.abspath(it.path) for it in files], bundle, by_value=by_value, actors=actors,
                              cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, device=device,
+                             threads=threads,
                              batch_size=batch_size, beam_size=beam_size, max_length=max_length,
-                             length_penalty=length_penalty)
+                             length_penalty=length_penalty, **({"actor": actor} if actor else {}))
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             records = []
             for row in table.to_pylist():
                 record = Record.from_row(row)
+                if not given.get(record.path):
+                    raise CaptoolError(f"Ray returned a record for {record.path}, which was not asked for; "
+                                       f"the parts in {out} are whole: run the same command again")
                 name = given[record.path].popleft()
                 if name != record.path:  # the same error text, naming the input as given
                     record = Record(name, record.caption, record.tokens,
