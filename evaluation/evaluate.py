@@ -28,6 +28,7 @@ from captool.bundle import MANIFEST
 from captool.datasets import find_dataset, read_annotations
 from captool.errors import CaptoolError, DataError, ImageError
 from captool.preprocess import preprocess
+from captool.progress import Progress, phase
 from captool.vocab import Vocab, tokenize
 
 TOKENIZERS = ("auto", "ptb", "simple")
@@ -263,8 +264,10 @@ class EvalReport:
 
 
 def caption_set(sampler: Sampler, evalset: EvalSet, batch_size: int = 32,
-                warn: Callable[[str], None] = lambda m: None) -> dict:
-    """Image id -> caption for every readable image of the set; unreadable ones are reported and left out."""
+                warn: Callable[[str], None] = lambda m: None,
+                progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Image id -> caption for every readable image of the set; unreadable ones are reported and left out.
+    `progress(n)` is called after each batch with the number of images it held."""
     if batch_size < 1:
         raise CaptoolError(f"--batch-size must be >= 1, got {batch_size}")
     out: dict = {}
@@ -277,10 +280,10 @@ def caption_set(sampler: Sampler, evalset: EvalSet, batch_size: int = 32,
                 warn(f"skipped: {e}")
                 continue
             ids.append(image_id)
-        if not ids:
-            continue
-        tokens = sampler.generate(np.stack(pixels))  # (B,3,S,S) -> (B,L)
-        out.update({i: sampler.vocab.decode(row) for i, row in zip(ids, tokens)})
+        if ids:
+            tokens = sampler.generate(np.stack(pixels))  # (B,3,S,S) -> (B,L)
+            out.update({i: sampler.vocab.decode(row) for i, row in zip(ids, tokens)})
+        progress(len(evalset.ids[start:start + batch_size]))
     if not out:
         raise CaptoolError(f"{evalset.source}: none of the {len(evalset.ids)} images could be read")
     return out
@@ -302,10 +305,14 @@ def evaluate(model: str | Path, data: str | Path, *, split: str = "val", beam_si
     if max_images is not None and max_images < 1:
         raise CaptoolError(f"--max-images must be >= 1, got {max_images}")
     evalset = load_eval_set(data, split, image_dir).head(max_images)
-    sampler = open_model(model, beam_size=beam_size, device=device)
-    predictions = caption_set(sampler, evalset, batch_size, warn)
+    with phase(f"eval: opening {model}"):
+        sampler = open_model(model, beam_size=beam_size, device=device)
+    with Progress("eval: captioning", total=len(evalset.ids), unit="images") as bar:
+        predictions = caption_set(sampler, evalset, batch_size, warn, progress=bar.update)
+        bar.finish()
     references = {i: evalset.references[i] for i in predictions}
-    metrics, used = score_captions(predictions, references, tokenizer=tokenizer, meteor=meteor)
+    with phase("eval: scoring"):
+        metrics, used = score_captions(predictions, references, tokenizer=tokenizer, meteor=meteor)
     if evalset.scenes is not None:
         from captool.datasets.facts import fact_accuracy
 

@@ -15,9 +15,10 @@ stay readable and a long phase still shows it is alive. Torch-free; used by `cap
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import IO, Optional
+from typing import IO, Iterator, Optional
 
 REDRAW_S = 0.2  # a terminal bar is redrawn at most this often
 EVERY_S = 30.0  # off a terminal, a progress line at most this often
@@ -123,9 +124,10 @@ class Progress:
             if bar:
                 parts.append(f"[{'#' * filled}{'.' * (WIDTH - filled)}]")
             parts.append(f"{self.done}/{self.total}{unit}" + ("" if bar else f" ({100 * self.done // self.total}%)"))
-        else:
+        elif self.done:
             parts.append(f"{self.done}{unit}")
-        parts.append(f"{rate:.1f}{unit or ' units'}/s" if rate < 10 else f"{rate:.0f}{unit or ' units'}/s")
+        if self.total or self.done:  # a phase that counts nothing (tracing a graph) shows its time only
+            parts.append(f"{rate:.1f}{unit or ' units'}/s" if rate < 10 else f"{rate:.0f}{unit or ' units'}/s")
         if self.total and self.done < self.total and self.done and rate > 0:
             parts.append(f"ETA {duration((self.total - self.done) / rate)}")
         else:
@@ -144,3 +146,17 @@ class Progress:
             self.stream.flush()
         except (OSError, ValueError):  # a closed or full stderr must not stop the work it reports on
             pass
+
+
+@contextlib.contextmanager
+def phase(label: str, stream: Optional[IO[str]] = None) -> Iterator[Progress]:
+    """A step that counts nothing (tracing a graph, scoring): its label while it runs on a terminal, then one
+    line with the time it took. An error or Ctrl-C leaves the label's line ended, without the time."""
+    bar = Progress(label, stream=stream)
+    bar.update(0)  # on a terminal: show what runs now
+    try:
+        yield bar
+    except BaseException:
+        bar.close()
+        raise
+    bar.finish()

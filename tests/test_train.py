@@ -188,12 +188,18 @@ def test_config_errors_name_the_value():
         TrainConfig(device="tpu")
 
 
-def test_cli_defaults_match_train_config():
-    """The CLI passes only the options given; its help must show TrainConfig's real defaults."""
+def test_cli_defaults_are_train_configs():
+    """The CLI passes only the options given and takes its defaults from TrainConfig (its default_map):
+    every TrainConfig field with a default is an option, and --help shows TrainConfig's value."""
     command = get_command(app).commands["train"]
     defaults = {f.name: f.default for f in fields(TrainConfig)}
-    shown = {p.name: p.default for p in command.params if p.name in defaults and p.name not in ("out", "data")}
+    options = {p.name for p in command.params}
+    assert set(defaults) - options == {"cache_features"}  # the one setting only the Python API offers
+    shown = dict(command.context_settings["default_map"])
     assert shown and all(shown[name] == defaults[name] for name in shown), shown
+    assert all(p.default in (None, False) for p in command.params if p.name in defaults)  # no second copy
+    text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "[default: 512]" in text and "[default: attention]" not in text
 
 
 def test_train_without_torch_names_the_extra(tmp_path):

@@ -8,9 +8,17 @@ A run directory holds:
   features/                       frozen-backbone features, keyed by a hash of images and backbone
 Nothing in it is pickled. The four files of an epoch are committed together (training/run_state.py):
 a kill or Ctrl-C at any moment leaves the last committed epoch whole, and the next `captool train
---out DIR --resume` continues from it. A run holds a lock on its directory while it works. Epoch e's data order comes from a generator seeded with (seed, e) and the
-learning rate of epoch e is lr * lr_decay**e (the seed's LambdaLR, written out), so the epoch
-counter plus Adam's state is all a resumed run needs to continue exactly as an unbroken one.
+--out DIR --resume` continues from it. A run holds a lock on its directory while it works. Epoch e's
+data order comes from a generator seeded with (seed, e) and the learning rate of epoch e is
+lr * lr_decay**e (the seed's LambdaLR, written out), so the epoch counter plus Adam's state is all a
+resumed run needs to continue exactly as an unbroken one.
+
+The warm-up (training/warmup.py) is committed the same way after each of its epochs, as epoch 0 of
+the run: the checkpoint holds the warming backbone, optimizer.safetensors the warm-up's Adam, the
+history a `"phase": "warmup"` entry naming warmup-head-NNNN.safetensors (the throw-away head,
+written before the commit, the previous one removed after it). A run stopped during the warm-up
+resumes it at the next warm-up epoch and reaches the weights an unbroken run reaches.
+  quality.json                    the quality report of each epoch (training/quality.py)
 """
 
 from __future__ import annotations
@@ -26,72 +34,26 @@ from typing import Callable, Optional
 
 import torch
 
-from captool.files import lock
+from captool.bundle import sha256_file
+from captool.files import atomic_write, lock
+from captool.progress import Progress
 
+from . import quality
 from .checkpoint import load_checkpoint
+from .config import RESUMABLE, TrainConfig
 from .data import CaptionSplit, load_data
-from .warmup import warm_up_backbone
 from .errors import TrainingError
-from .model import CELL_TYPES, CaptioningRNN
+from .model import CaptioningRNN
 from .run_state import STATE, feature_key, load_features, open_run, read_state, restore_optimizer, save_epoch, save_features
+from .warmup import WarmUp
+
+__all__ = ["RESUMABLE", "TrainConfig", "TrainResult", "TrainingRun", "interrupted", "resume_config", "train"]
 
 Log = Callable[[str], None]
 
 
 def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-@dataclass
-class TrainConfig:
-    """How to train; the architecture itself is the checkpoint's ModelConfig."""
-
-    data: str = ""
-    out: str = "runs/captioner"
-    images: Optional[str] = None  # where image files are, when not beside the annotations
-    cell: str = "rnn"
-    epochs: int = 10
-    batch_size: int = 50
-    lr: float = 1e-3
-    lr_decay: float = 1.0  # per epoch: epoch e trains at lr * lr_decay**e
-    hidden_dim: int = 512
-    wordvec_dim: int = 256
-    backbone: str = "imagenet"  # "imagenet" | "none" | a state-dict file
-    backbone_width: float = 1.0
-    train_backbone: bool = False
-    overfit: Optional[int] = None  # train on N examples only: the first caption of the first N images
-    min_count: int = 1
-    seed: int = 0
-    device: str = "auto"
-    cache_features: bool = True  # also keep frozen features on disk, in the run dir
-    # Each epoch, one caption per image drawn at random: an epoch then costs one backbone pass per
-    # image rather than per caption (5x fewer with COCO-style data) when the backbone is trained.
-    one_caption_per_image: bool = False
-    # Epochs of concept-detector warm-up of the backbone before captioning (training/warmup.py); the
-    # backbone is frozen afterwards unless train_backbone.
-    warmup_epochs: int = 0
-
-    def __post_init__(self):
-        if self.cell not in CELL_TYPES:
-            raise TrainingError(f"invalid cell {self.cell!r}; only {', '.join(CELL_TYPES)} are supported")
-        for name in ("epochs", "batch_size", "hidden_dim", "wordvec_dim", "min_count"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_epochs < 0:
-            raise TrainingError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
-        if self.warmup_epochs and not (self.train_backbone or self.backbone.lower() == "none"):
-            raise TrainingError("--warmup-epochs trains the backbone: add --train-backbone (or --backbone none)")
-        if self.overfit is not None and self.overfit < 1:
-            raise TrainingError(f"--overfit must be at least 1, got {self.overfit}")
-        if not (self.lr > 0 and self.lr_decay > 0 and self.backbone_width > 0):
-            raise TrainingError(f"--lr, --lr-decay and --backbone-width must be positive, got "
-                                f"{self.lr}, {self.lr_decay}, {self.backbone_width}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise TrainingError(f"invalid device {self.device!r}; use auto, cpu or cuda")
-
-
-# Settings that may change when a run is resumed; the others define the run.
-RESUMABLE = ("data", "images", "out", "epochs", "device", "cache_features")
 
 
 def _in_use(run_dir: Path) -> TrainingError:
@@ -137,7 +99,8 @@ def resolve_device(name: str) -> torch.device:
 class TrainResult:
     run_dir: Path
     epochs: int  # epochs trained so far, this call and earlier ones
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # captioning epochs (warm-up ones left out)
+    quality: Optional[dict] = None  # the last epoch's quality report, where one was made
 
     def summary(self) -> str:
         if not self.history:
@@ -147,24 +110,12 @@ class TrainResult:
         return f"{self.run_dir}: {self.epochs} epochs, train loss {last['train_loss']:.4f}{val}"
 
 
-class Progress:
-    """A status line on stderr: redrawn in place on a terminal, one line per epoch otherwise."""
+def is_warmup(entry: dict) -> bool:
+    return entry.get("phase") == "warmup"
 
-    def __init__(self):
-        self.live = sys.stderr.isatty()
-        self._shown = 0.0
 
-    def batch(self, text: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.live and (now - self._shown > 0.2 or done == total):
-            self._shown = now
-            bar = "#" * (20 * done // total)
-            sys.stderr.write(f"\r\033[K{text} [{bar:<20}] {done}/{total}")
-            sys.stderr.flush()
-
-    def epoch(self, line: str) -> None:
-        sys.stderr.write(("\r\033[K" if self.live else "") + line + "\n")
-        sys.stderr.flush()
+def warmups_done(history: list[dict]) -> int:
+    return sum(is_warmup(h) for h in history)
 
 
 class TrainingRun:
@@ -196,6 +147,7 @@ class TrainingRun:
     def _setup(self, config: TrainConfig, resume: bool) -> None:
         log = self.log
         state = self._resume_state() if resume else self._check_new_run()
+        self.state = state
         self.epoch = state["epoch"] if state else 0
         self.history: list[dict] = state["history"] if state else []
 
@@ -212,6 +164,7 @@ class TrainingRun:
             f"({self.train_split.images.shape[0]} images), "
             f"{len(self.val_split) if self.val_split else 'no'} validation examples, "
             f"{len(data.vocab)} words{skipped}")
+        self.quality_sample = self._quality_sample(data.vocab)
 
         self.model = self._model(data.vocab, resumed=state is not None)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -225,7 +178,7 @@ class TrainingRun:
     # -- setup ------------------------------------------------------------------------------------
 
     def _warmup_pending(self) -> bool:
-        return bool(self.config.warmup_epochs) and self.epoch == 0 and not self.history
+        return self.epoch == 0 and warmups_done(self.history) < self.config.warmup_epochs
 
     def _check_new_run(self) -> None:
         for name in ("train_state.json", "model.json"):
@@ -244,6 +197,21 @@ class TrainingRun:
                                 f"with the run's settings, or start a new run with another --out")
         return state
 
+    def _quality_sample(self, vocab) -> Optional[quality.QualitySample]:
+        """The images each epoch's quality report captions: the validation split's first ones."""
+        n = self.config.quality_images
+        if not n:
+            return None
+        try:
+            sample = quality.from_dataset(self.config.data, self.config.images, n)
+        except Exception as e:  # the report is a help, never a reason to refuse training
+            self.log(f"warning: quality report on the split in memory ({e})")
+            sample = None
+        if sample is None:
+            split = self.val_split or self.train_split
+            sample = quality.from_split(split, vocab, n, "val" if self.val_split is not None else "train")
+        return sample if sample.ids else None
+
     def _model(self, vocab, resumed: bool) -> CaptioningRNN:
         c = self.config
         if resumed:
@@ -261,18 +229,36 @@ class TrainingRun:
                              backbone=backbone, device=self.device, train_backbone=c.train_backbone).train()
 
     def _restore(self, state: dict) -> None:
-        rng = restore_optimizer(self.run_dir, state, self.optimizer)
+        if self.epoch:
+            rng = restore_optimizer(self.run_dir, state, self.optimizer)
+        else:  # a warm-up's save holds the warm-up's Adam (_warm_up restores it where still needed)
+            rng = restore_optimizer(self.run_dir, state, self._new_warmup().optimizer)
+            self.model.set_backbone_trainable(self.config.train_backbone)
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.log(f"resumed {self.run_dir} after epoch {self.epoch}")
+        done = warmups_done(self.history)
+        where = f"epoch {self.epoch}" if self.epoch else f"warm-up epoch {done}/{self.config.warmup_epochs}"
+        self.log(f"resumed {self.run_dir} after {where}")
+
+    def _new_warmup(self) -> WarmUp:
+        c = self.config
+        self.model.set_backbone_trainable(True)
+        return WarmUp(self.model, self.train_split, batch_size=c.batch_size, lr=c.lr, seed=c.seed, device=self.device)
 
     @torch.no_grad()
-    def _extract(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    def _extract(self, images: torch.Tensor, batch_size: int = 128, label: str = "") -> torch.Tensor:
         """The backbone in eval mode over uint8 images (M, 3, S, S), in batches."""
         self.model.eval()
-        chunks = [self.model.extract_features(images[i:i + batch_size].to(self.device))
-                  for i in range(0, images.shape[0], batch_size)]
+        chunks = []
+        # Unlabelled (a trained backbone's validation features, inside an epoch's bar): no bar of its own.
+        with Progress(label, total=images.shape[0], unit="images", live=None if label else False,
+                      lines=bool(label)) as bar:
+            for i in range(0, images.shape[0], batch_size):
+                chunks.append(self.model.extract_features(images[i:i + batch_size].to(self.device)))
+                bar.update(chunks[-1].shape[0])
+            if label:
+                bar.finish()
         self.model.train()
         return torch.cat(chunks)  # (M, 1280), or (M, 1280, 4, 4) for attention
 
@@ -287,10 +273,7 @@ class TrainingRun:
             if cached is not None:
                 self.features[name] = cached.to(self.device)
                 continue
-            started = time.perf_counter()
-            self.features[name] = self._extract(split.images)
-            self.log(f"{name} features: {split.images.shape[0]} images through the frozen backbone in "
-                     f"{time.perf_counter() - started:.1f}s")
+            self.features[name] = self._extract(split.images, label=f"{name} features (frozen backbone)")
             if self.config.cache_features:
                 save_features(cache, self.features[name])
 
@@ -308,33 +291,80 @@ class TrainingRun:
             return self._fit()
 
     def _fit(self) -> TrainResult:
-        c, progress = self.config, Progress()
+        c, report = self.config, None
         if self.epoch >= c.epochs:
             self.log(f"{self.run_dir} has trained {self.epoch} epochs already (--epochs {c.epochs}): nothing to do")
         if self._warmup_pending():
-            self.model.set_backbone_trainable(True)
-            warm_up_backbone(self.model, self.train_split, epochs=c.warmup_epochs, batch_size=c.batch_size,
-                             lr=c.lr, seed=c.seed, device=self.device, log=progress.epoch)
+            self._warm_up()
             if not c.train_backbone:  # a concept detector now: frozen, its features computed once
-                self.model.set_backbone_trainable(False)
                 self._cache_features()
         while self.epoch < c.epochs:
             lr = c.lr * c.lr_decay ** self.epoch
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            train_loss, rate = self._train_epoch(progress)
-            val_loss = self._evaluate()
-            self._check_finite(val_loss)
-            self.epoch += 1
-            self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                 "samples_per_s": rate, "lr": lr})
-            save_epoch(self.run_dir, self.model, self.config, self.epoch, self.history, self.optimizer, self.device)
-            val = f"  val loss {val_loss:.4f}" if val_loss is not None else ""
-            progress.epoch(f"epoch {self.epoch}/{c.epochs}  train loss {train_loss:.4f}{val}  "
+            with Progress(f"epoch {self.epoch + 1}/{c.epochs}", total=self._epoch_size(), unit="samples") as bar:
+                train_loss, rate = self._train_epoch(bar)
+                val_loss = self._evaluate()
+                self._check_finite(val_loss)
+                self.epoch += 1
+                self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss,
+                                     "samples_per_s": rate, "lr": lr})
+                save_epoch(self.run_dir, self.model, self.config, self.epoch, self.history, self.optimizer,
+                           self.device)
+                val = f"  val loss {val_loss:.4f}" if val_loss is not None else ""
+                bar.finish(f"epoch {self.epoch}/{c.epochs}  train loss {train_loss:.4f}{val}  "
                            f"{rate:.0f} samples/s  lr {lr:.2e}")
-        return TrainResult(self.run_dir, self.epoch, list(self.history))
+            report = self._quality() or report
+        if report is not None:  # the end of the run: what the captions look like now
+            self.log(quality.examples_text(report))
+        return TrainResult(self.run_dir, self.epoch, [h for h in self.history if not is_warmup(h)], report)
 
-    def _train_epoch(self, progress: Progress) -> tuple[float, float]:
+    def _warm_up(self) -> None:
+        """The backbone's concept-detector warm-up, committed after each of its epochs (resumable)."""
+        c = self.config
+        warm = self._new_warmup()
+        done = warmups_done(self.history)
+        if done:  # resumed: the head and Adam of the last committed warm-up epoch
+            self._load_head(warm, self.history[-1])
+            restore_optimizer(self.run_dir, self.state, warm.optimizer)
+        n = self.train_split.images.shape[0]
+        for e in range(done, c.warmup_epochs):
+            with Progress(f"warm-up {e + 1}/{c.warmup_epochs}", total=n, unit="images") as bar:
+                loss, rate = warm.run_epoch(e, lambda k, running: bar.update(k, note=f"loss {running:.4f}"))
+                head = self.run_dir / f"warmup-head-{e + 1:04d}.safetensors"
+                self._save_head(warm, head)
+                self.history.append({"phase": "warmup", "epoch": e + 1, "of": c.warmup_epochs, "loss": loss,
+                                     "images_per_s": rate, "head": {"file": head.name, "sha256": sha256_file(head)}})
+                save_epoch(self.run_dir, self.model, self.config, 0, self.history, warm.optimizer, self.device)
+                for old in self.run_dir.glob("warmup-head-*.safetensors"):  # the commit names `head` now
+                    if old != head:
+                        old.unlink(missing_ok=True)
+                bar.finish(f"warm-up {e + 1}/{c.warmup_epochs}  concept-detector loss {loss:.4f}  {rate:.0f} images/s")
+        for old in self.run_dir.glob("warmup-head-*.safetensors"):  # the warm-up is over: the head is not needed
+            old.unlink(missing_ok=True)
+        self.model.set_backbone_trainable(c.train_backbone)
+
+    def _save_head(self, warm: WarmUp, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in warm.head.state_dict().items()}
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+    def _load_head(self, warm: WarmUp, entry: dict) -> None:
+        from safetensors.torch import load_file
+
+        index = entry.get("head") or {}
+        path = self.run_dir / str(index.get("file", ""))
+        if not path.is_file() or sha256_file(path) != index.get("sha256"):
+            raise TrainingError(f"{path}: the warm-up head {STATE} names is missing or changed; the warm-up cannot "
+                                f"be resumed exactly: start a new run with another --out")
+        warm.head.load_state_dict(load_file(str(path), device=str(self.device)))
+
+    def _epoch_size(self) -> int:
+        split = self.train_split
+        return split.images.shape[0] if self.config.one_caption_per_image else len(split)
+
+    def _train_epoch(self, bar: Progress) -> tuple[float, float]:
         split, bs = self.train_split, self.config.batch_size
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
         order = epoch_rows(split, self.config.one_caption_per_image, generator)
@@ -353,9 +383,7 @@ class TrainingRun:
             self.optimizer.step()
             total += value * len(rows)
             seen += len(rows)
-            rate = seen / max(time.perf_counter() - started, 1e-9)
-            progress.batch(f"epoch {self.epoch + 1}/{self.config.epochs} loss {total / seen:.4f} "
-                           f"{rate:.0f} samples/s", b + 1, batches)
+            bar.update(len(rows), note=f"loss {total / seen:.4f}")
         return total / seen, seen / max(time.perf_counter() - started, 1e-9)
 
     @torch.no_grad()
@@ -371,6 +399,16 @@ class TrainingRun:
             total += self._loss(self.val_split, features, rows).item() * len(rows)
         self.model.train()
         return total / n
+
+    def _quality(self) -> Optional[dict]:
+        """This epoch's quality report: one line (and a warning when every caption is the same), quality.json."""
+        if self.quality_sample is None:
+            return None
+        entry = quality.report(self.model, self.quality_sample, self.epoch, self.device,
+                               warn=lambda m: self.log(f"warning: {m}"))
+        quality.write_quality(self.run_dir, entry)
+        self.log(quality.metrics_line(entry))
+        return entry
 
     def _check_finite(self, val_loss: Optional[float]) -> None:
         if val_loss is not None and not math.isfinite(val_loss):
@@ -405,11 +443,19 @@ def interrupted(out) -> str:
     """The line `captool train` prints on Ctrl-C: which epoch is saved and the command that resumes."""
     run_dir = Path(out)
     try:
-        epoch = read_run(run_dir)["epoch"]
+        state = read_run(run_dir)
     except (TrainingError, OSError):
         return f"interrupted before an epoch was saved in {run_dir}: nothing to resume; run the same command again"
-    return (f"interrupted: epoch {epoch} is saved in {run_dir}; resume with: "
+    done = warmups_done(state["history"])
+    saved = (f"epoch {state['epoch']}" if state["epoch"] or not done
+             else f"warm-up epoch {done}/{state['config'].get('warmup_epochs', done)}")
+    return (f"interrupted: {saved} is saved in {run_dir}; resume with: "
             f"captool train --out {shlex.quote(str(run_dir))} --resume")
+
+
+def use_threads(threads: int) -> None:
+    """torch's intra-op threads for this process, set once by the entry point (`captool train --threads`)."""
+    torch.set_num_threads(threads)
 
 
 def train(config: TrainConfig, *, resume: bool = False, log: Log = log_stderr) -> TrainResult:

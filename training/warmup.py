@@ -66,6 +66,47 @@ def concept_targets(split: CaptionSplit, vocab_size: int) -> Tensor:
     return torch.cat([word_targets(split, vocab_size), pair_targets(split, vocab_size)], dim=1)
 
 
+class WarmUp:
+    """One run's warm-up: the concept targets, a throw-away head and the Adam over backbone and head.
+
+    Epoch e's image order comes from a generator seeded with (seed, e), so that the backbone, the head
+    and Adam's state after an epoch are all a resumed warm-up needs to continue as an unbroken one.
+    """
+
+    def __init__(self, model: nn.Module, split: CaptionSplit, *, batch_size: int, lr: float, seed: int,
+                 device: torch.device):
+        self.model, self.split, self.batch_size, self.seed, self.device = model, split, batch_size, seed, device
+        self.targets = concept_targets(split, model.config.vocab_size)  # (M, V + P)
+        generator = torch.Generator().manual_seed(seed * 7_919 + 1)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: not ours to move
+            self.head = nn.Linear(model.config.input_dim, self.targets.shape[1], device=device)
+        with torch.no_grad():  # initialized from the run's seed, leaving the global RNG untouched
+            bound = 1.0 / math.sqrt(model.config.input_dim)
+            self.head.weight.copy_(torch.rand(self.head.weight.shape, generator=generator) * 2 * bound - bound)
+            self.head.bias.zero_()
+        params = [p for p in model.feature_extractor.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=lr)
+
+    def run_epoch(self, epoch: int, progress: Callable[[int, float], None] = lambda n, loss: None) -> tuple[float, float]:
+        """Train one epoch (0-based); returns its mean loss and images/s. `progress(images, running loss)` per batch."""
+        n = self.split.images.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7_919 + 104_729 * (epoch + 1)))
+        self.model.train()
+        total, started = 0.0, time.perf_counter()
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            features = self.model.extract_features(self.split.images[idx].to(self.device))  # (B, C) or (B, C, 4, 4)
+            if features.dim() == 4:
+                features = features.mean(dim=(2, 3))  # attention's grid, pooled for the detector: (B, C)
+            loss = nn.functional.binary_cross_entropy_with_logits(self.head(features), self.targets[idx].to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(idx)
+            progress(len(idx), total / (start + len(idx)))
+        return total / n, n / max(time.perf_counter() - started, 1e-9)
+
+
 def warm_up_backbone(
     model: nn.Module,
     split: CaptionSplit,
@@ -78,32 +119,10 @@ def warm_up_backbone(
     log: Callable[[str], None],
 ) -> list[float]:
     """Train `model.feature_extractor` (and a throw-away head) as a concept detector; per-epoch losses."""
-    targets = concept_targets(split, model.config.vocab_size)
-    generator = torch.Generator().manual_seed(seed * 7_919 + 1)
-    head = nn.Linear(model.config.input_dim, targets.shape[1], device=device)
-    with torch.no_grad():  # initialized from the run's seed, leaving the global RNG untouched
-        bound = 1.0 / math.sqrt(model.config.input_dim)
-        head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
-        head.bias.zero_()
-    params = [p for p in model.feature_extractor.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=lr)
-    model.train()
+    warm = WarmUp(model, split, batch_size=batch_size, lr=lr, seed=seed, device=device)
     losses = []
-    n = split.images.shape[0]
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total, started = 0.0, time.perf_counter()
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            features = model.extract_features(split.images[idx].to(device))  # (B, C) or (B, C, 4, 4)
-            if features.dim() == 4:
-                features = features.mean(dim=(2, 3))  # attention's grid, pooled for the detector: (B, C)
-            loss = nn.functional.binary_cross_entropy_with_logits(head(features), targets[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        losses.append(total / n)
-        log(f"warm-up {epoch + 1}/{epochs}  concept-detector loss {losses[-1]:.4f}  "
-            f"{n / max(time.perf_counter() - started, 1e-9):.0f} images/s")
+        loss, rate = warm.run_epoch(epoch)
+        losses.append(loss)
+        log(f"warm-up {epoch + 1}/{epochs}  concept-detector loss {loss:.4f}  {rate:.0f} images/s")
     return losses
