@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, Mapping, Optional
 
 import typer
 
@@ -112,45 +112,77 @@ def synth(
     typer.echo(summary)
 
 
-@app.command("train")
+class _TrainDefaults(Mapping):
+    """TrainConfig's defaults as `captool train`'s default_map: read from captool.training.config (torch-free)
+    when the command runs or shows --help, so that the defaults are written in one place only."""
+
+    def _defaults(self) -> dict:
+        from captool.training.config import defaults
+
+        return {k: v for k, v in defaults().items() if k not in ("data", "out", "images") and v is not None}
+
+    def __getitem__(self, name):
+        return self._defaults()[name]
+
+    def __iter__(self):
+        return iter(self._defaults())
+
+    def __len__(self) -> int:
+        return len(self._defaults())
+
+
+# Options below without a default of their own take TrainConfig's (the default_map); `given` then holds only
+# what the command line set, so that --resume keeps the run's own settings.
+@app.command("train", context_settings={"default_map": _TrainDefaults()})
 def train_command(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run directory: checkpoint, training state, cached features.")],
     data: Annotated[Optional[Path], typer.Option(
         help="coco.pt, a COCO captions folder or JSON, or a Karpathy dataset_*.json (not needed with --resume).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Folder of the image files, when not beside the annotations.")] = None,
-    cell: Annotated[str, typer.Option(help="Recurrent cell: rnn, lstm or attention.")] = "rnn",
-    epochs: Annotated[int, typer.Option(help="Total epochs (with --resume: up to this many).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Examples (image, caption) per step.")] = 50,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    lr_decay: Annotated[float, typer.Option(help="Learning rate factor per epoch (epoch e: lr * decay**e).")] = 1.0,
-    hidden_dim: Annotated[int, typer.Option(help="RNN hidden state size.")] = 512,
-    wordvec_dim: Annotated[int, typer.Option(help="Word vector size.")] = 256,
-    backbone: Annotated[str, typer.Option(
-        help="MobileNetV2 weights: imagenet (torchvision's cache), a state-dict file, or none (random, trained).")] = "imagenet",
-    backbone_width: Annotated[float, typer.Option(help="MobileNetV2 width multiplier (1.0 is the seed's).")] = 1.0,
+    cell: Annotated[Optional[str], typer.Option(help="Recurrent cell: rnn, lstm or attention.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Total epochs (with --resume: up to this many).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples (image, caption) per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="Learning rate factor per epoch (epoch e: lr * decay**e).")] = None,
+    hidden_dim: Annotated[Optional[int], typer.Option(help="RNN hidden state size.")] = None,
+    wordvec_dim: Annotated[Optional[int], typer.Option(help="Word vector size.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(
+        help="MobileNetV2 weights: imagenet (torchvision's cache), a state-dict file, or none (random, trained).")] = None,
+    backbone_width: Annotated[Optional[float], typer.Option(help="MobileNetV2 width multiplier (1.0 is the seed's).")] = None,
     train_backbone: Annotated[bool, typer.Option("--train-backbone", help="Train MobileNetV2 end to end too.")] = False,
     overfit: Annotated[Optional[int], typer.Option(
         help="Train on N examples only, the first caption of the first N images; with the seed's 80 epochs "
              "and batch 50 unless given.")] = None,
-    min_count: Annotated[int, typer.Option(help="Words seen fewer times become <UNK> (JSON datasets).")] = 1,
+    min_count: Annotated[Optional[int], typer.Option(help="Words seen fewer times become <UNK> (JSON datasets).")] = None,
     one_caption_per_image: Annotated[bool, typer.Option(
         "--one-caption-per-image",
         help="Each epoch, one of each image's captions drawn at random (epochs cost images, not captions).")] = False,
-    warmup_epochs: Annotated[int, typer.Option(
+    warmup_epochs: Annotated[Optional[int], typer.Option(
         help="Epochs of concept-detector warm-up (caption words and word pairs) of the backbone before "
-             "captioning; the backbone is then frozen unless --train-backbone.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+             "captioning; the backbone is then frozen unless --train-backbone.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the initial weights and the data order.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for torch (1 measured fastest on a shared 2-core machine: README).")] = None,
+    quality_images: Annotated[Optional[int], typer.Option(
+        help="Validation images captioned and scored after each epoch (quality.json); 0: no report.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
 ) -> None:
-    """Train a captioner: a checkpoint per epoch in --out, resumable, stopped on a NaN loss."""
+    """Train a captioner: a checkpoint per epoch (and per warm-up epoch) in --out, resumable, a quality report per epoch."""
     # Only the options given on the command line: with --resume the others come from the run itself.
     # (Compared by name: typer vendors its own copy of click's ParameterSource.)
     given = {name: str(value) if isinstance(value, Path) else value for name, value in ctx.params.items()
              if name != "resume" and ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    with errors_to_exit():  # before torch loads: a wrong path costs a fraction of a second
+        from captool.training.config import OVERFIT_BATCH, OVERFIT_EPOCHS, check_paths
+
+        if not resume and data is None:
+            raise fail("--data is required (except with --resume)")
+        check_paths(out, data, images, resume)
     if overfit is not None and not resume:
-        seed_run = {k: v for k, v in (("epochs", 80), ("batch_size", min(50, overfit))) if k not in given}
+        seed_run = {k: v for k, v in (("epochs", OVERFIT_EPOCHS), ("batch_size", min(OVERFIT_BATCH, overfit)))
+                    if k not in given}
         if seed_run:
             typer.echo(f"train: --overfit {overfit} with the seed's {seed_run}", err=True)
         given.update(seed_run)
@@ -159,16 +191,12 @@ def train_command(
     try:
         with terminate_as_interrupt():
             with errors_to_exit():
-                if resume:
-                    config = training.resume_config(out, **given)
-                elif data is None:
-                    raise fail("--data is required (except with --resume)")
-                else:
-                    config = training.TrainConfig(**given)
+                config = training.resume_config(out, **given) if resume else training.TrainConfig(**given)
+                training.use_threads(config.threads)
                 run = training.TrainingRun(config, resume=resume)
             with errors_to_exit(code=1):
                 result = run.fit()
-    except KeyboardInterrupt:  # every epoch is committed whole: say which one, and how to go on
+    except KeyboardInterrupt:  # every epoch (and warm-up epoch) is committed whole: say which one, and how to go on
         typer.echo(f"captool: {training.interrupted(out)}", err=True)
         raise typer.Exit(code=130) from None
     typer.echo(result.summary())
