@@ -30,6 +30,7 @@ from captool.errors import CaptoolError
 from captool.evaluation import Sampler, open_model
 from .floor import graph_cost, machine_rates, seconds_of
 from captool.preprocess import IMAGE_EXTENSIONS, preprocess
+from captool.progress import Progress, phase
 
 # name: (unit, scale from seconds or from the raw value, higher is better)
 FIGURES = {
@@ -49,8 +50,9 @@ SETTLE_CALLS, BLOCK_CALLS = 3, 3  # per side and repeat, for the short calls
 
 
 def interleaved(pairs: dict[str, tuple[Callable, Optional[Callable]]], repeats: dict[str, int],
-                settle: tuple[str, ...] = (), warmup: int = 2) -> dict[str, tuple[list[float], list[float]]]:
-    """Seconds per call of each (runtime, pytorch) pair; PyTorch goes first on odd repeats.
+                settle: tuple[str, ...] = (), warmup: int = 2,
+                progress: Callable[[int], None] = lambda n: None) -> dict[str, tuple[list[float], list[float]]]:
+    """Seconds per call of each (runtime, pytorch) pair; PyTorch goes first on odd repeats (`progress(1)` after each).
 
     The first calls after a switch of sides pay for the other side: its worker threads still spin
     (torch's OpenMP pool for tens of milliseconds) and the caches hold its weights. Measured on the
@@ -78,6 +80,7 @@ def interleaved(pairs: dict[str, tuple[Callable, Optional[Callable]]], repeats: 
                     fn(r)
                 for k in range(BLOCK_CALLS):
                     times[name][side].append(seconds_of(lambda: fn(r + k)))
+            progress(1)
     return times
 
 
@@ -169,7 +172,8 @@ def run_child(argv: list[str]) -> tuple[float, Optional[int], str]:
         return wall, rss, out.read_text(errors="replace")
 
 
-def cold_start(bundle: Path, checkpoint: Optional[Path], image: Path, repeats: int) -> dict:
+def cold_start(bundle: Path, checkpoint: Optional[Path], image: Path, repeats: int,
+               progress: Callable[[int], None] = lambda n: None) -> dict:
     """Median wall time and peak RSS of `captool run IMAGE --model BUNDLE` vs a PyTorch script doing the same."""
     jobs = {"runtime": [sys.executable, "-m", "captool.cli", "run", str(image), "--model", str(bundle),
                         "--device", "cpu", "--json"]}
@@ -179,6 +183,7 @@ def cold_start(bundle: Path, checkpoint: Optional[Path], image: Path, repeats: i
     for r in range(repeats):
         for side in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
             runs[side].append(run_child(jobs[side]))
+            progress(1)
     result = {side: {"seconds": float(np.median([w for w, _, _ in rs])),
                      "peak_rss": max((m for _, m, _ in rs if m is not None), default=None)}
               for side, rs in runs.items()}
@@ -247,8 +252,11 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
     counts.update(caption_b8=max(3, repeats // 5), caption_b64=max(3, repeats // 5))
     rt_calls = _side_calls(runtime, pixels, batch64, runtime.max_length)
     pt_calls = _side_calls(pytorch, pixels, batch64, runtime.max_length) if pytorch else {}
-    times = interleaved({k: (rt_calls[k], pt_calls.get(k)) for k in rt_calls}, counts,
-                        settle=("caption_b1", "caption_b8", "encoder_b1", "step_b1", "step_b64"))
+    with Progress("bench: per-call figures", total=sum(counts.values()), unit="repeats") as bar:
+        times = interleaved({k: (rt_calls[k], pt_calls.get(k)) for k in rt_calls}, counts,
+                            settle=("caption_b1", "caption_b8", "encoder_b1", "step_b1", "step_b64"),
+                            progress=bar.update)
+        bar.finish()
 
     sides = ("runtime", "pytorch") if pytorch else ("runtime",)
     values: dict[str, dict[str, float]] = {}
@@ -274,7 +282,10 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
             from PIL import Image
 
             Image.fromarray(pixels[0].transpose(1, 2, 0)).save(image)  # (3,S,S) -> (S,S,3)
-            started = cold_start(Path(bundle), Path(checkpoint) if checkpoint else None, image, cold_repeats)
+            with Progress("bench: cold start", total=cold_repeats * len(sides), unit="processes") as bar:
+                started = cold_start(Path(bundle), Path(checkpoint) if checkpoint else None, image, cold_repeats,
+                                     progress=bar.update)
+                bar.finish()
         for side in sides:
             values[side]["cold_start"] = started[side]["seconds"]
             if started[side]["peak_rss"] is not None:
@@ -282,7 +293,8 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
         if "captions_agree" in started:
             report["cold_start_captions_agree"] = started["captions_agree"]
     report["figures"] = _figures(values)
-    report["machine"] = _machine(runtime, pytorch, rates or machine_rates())
+    with phase("bench: this machine's compute and memory rates"):
+        report["machine"] = _machine(runtime, pytorch, rates or machine_rates())
     report["floor"] = _floor(runtime, values["runtime"], report["machine"])
     return report
 

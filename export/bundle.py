@@ -20,6 +20,7 @@ from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256
 from captool.errors import CaptoolError
 from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
 from captool.preprocess import RESIZE_POLICY
+from captool.progress import phase
 
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
                           load_images, recorded_training_data)
@@ -83,7 +84,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         for graph in specs:
             name, export = GRAPH_FILES[graph], _tracer(graph)
             start = time.perf_counter()
-            export(model, tmp / name, opset=opset)
+            with phase(f"export: tracing {graph}"):
+                export(model, tmp / name, opset=opset)
             seconds[graph] = round(time.perf_counter() - start, 3)
             info = check_graph(tmp / name, graph, specs[graph])
             graphs[graph] = {**specs[graph], "nodes": info.nodes, "op_types": info.op_types}
@@ -91,8 +93,9 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         write_manifest(tmp, manifest)
 
         start = time.perf_counter()
-        report = verify_bundle(tmp, model, images=images if precision == "fp32" else None, batch_sizes=batch_sizes,
-                               **bounds)
+        with phase("export: validating the fp32 graphs against PyTorch"):
+            report = verify_bundle(tmp, model, images=images if precision == "fp32" else None,
+                                   batch_sizes=batch_sizes, **bounds)
         seconds["validation"] = round(time.perf_counter() - start, 3)
         if not report.ok:
             raise ExportError(f"the exported graphs differ from the PyTorch model: {report.failure()}; "
@@ -100,14 +103,16 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         fp32_report = report
         if precision != "fp32":
             start = time.perf_counter()
-            quantization = lower_precision(tmp, precision, specs, graphs, calibration_set)
+            with phase(f"export: converting to {precision}"):
+                quantization = lower_precision(tmp, precision, specs, graphs, calibration_set)
             seconds[precision] = round(time.perf_counter() - start, 3)
             manifest = build_manifest(model, tmp, graphs, opset=opset, precision=precision, seconds=seconds)
             manifest["quantization"] = {**quantization, "validation": validation_set.describe()}
             write_manifest(tmp, manifest)
             start = time.perf_counter()
-            report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes,
-                                   min_agreement=min_agreement, rel_err=rel_err)
+            with phase(f"export: validating the {precision} graphs"):
+                report = verify_bundle(tmp, model, real=validation_set, batch_sizes=batch_sizes,
+                                       min_agreement=min_agreement, rel_err=rel_err)
             seconds["validation"] = round(seconds["validation"] + time.perf_counter() - start, 3)
             if not report.ok:
                 raise ExportError(f"the {precision} graphs are further from the PyTorch model than {precision} "
