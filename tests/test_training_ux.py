@@ -209,7 +209,7 @@ def test_refused_before_torch_loads(synth_dir, tmp_path):
 def test_threads_option_is_set_and_resumable(synth_dir, tmp_path):
     torch = pytest.importorskip("torch")
     from captool.training.config import DEFAULT_THREADS, TrainConfig
-    from captool.training.train import resume_config, use_threads
+    from captool.training.train import use_threads
 
     assert TrainConfig().threads == DEFAULT_THREADS
     before = torch.get_num_threads()
