@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import BundleError
-from .preprocess import RESIZE_POLICY
+from .preprocess import PREPROCESSING, RESIZE_POLICY
 from .vocab import SPECIALS
 
 SCHEMA_VERSION = 1
@@ -33,6 +33,9 @@ GRAPH_FILES = {"encoder": ENCODER, "decoder_step": DECODER_STEP,
                "attention_cache": ATTENTION_CACHE, "decoder_step_cached": DECODER_STEP_CACHED}
 PRECISIONS = ("fp32", "fp16", "int8")
 RESIZE_POLICIES = (RESIZE_POLICY,)  # the policies captool.preprocess implements
+# image.preprocessing: the versions captool.preprocess implements; a manifest without it is read as the first.
+PREPROCESSINGS = (PREPROCESSING,)
+DEFAULT_PREPROCESSING = "captool-1"
 TENSOR_DTYPES = ("uint8", "int64", "float32")  # every graph input and output, whatever the precision
 SPECIAL_IDS = {"null": 0, "start": 1, "end": 2, "unk": 3}  # Vocab's ids (coco.pt's); fixed in version 1
 
@@ -200,6 +203,9 @@ def _check_image(f: _Fields, image: dict) -> None:
     f.string(image, "layout", "image.layout", ("NCHW",))
     f.string(image, "resize", "image.resize", RESIZE_POLICIES,
              fix="a bundle that needs another resize policy needs a captool that implements it")
+    f.string(image, "preprocessing", "image.preprocessing", PREPROCESSINGS, required=False,
+             fix="the bundle was trained on pixels made another way: run it with the captool that implements "
+                 "that version (docs/bundle-format.md, Preprocessing)")
     norm = f.obj(image, "normalization", "image.normalization")
     f.number(f.get(norm, "scale", "image.normalization.scale"), "image.normalization.scale", 0)
     for key, above in (("mean", None), ("std", 0)):
