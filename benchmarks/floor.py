@@ -1,7 +1,8 @@
 """The floor of `captool bench`: what a graph costs (MACs, bytes) and what this machine can do (FLOP/s, B/s).
 
 The multiply-accumulates of Conv, Gemm and MatMul (x2 = FLOPs) come from the ONNX graph with shapes
-inferred at the batch asked for; the machine's rates from numpy's float32 matmul and a large copy.
+inferred at the batch asked for; the machine's rates from numpy's float32 matmul and copies (from
+DRAM and from each cache level), each the best of several samples spread over time.
 """
 
 from __future__ import annotations
@@ -23,18 +24,89 @@ def seconds_of(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def machine_rates(matmul_n: int = 1024, copy_mb: int = 256, repeats: int = 10) -> dict[str, float]:
-    """numpy float32 matmul FLOP/s (best of `repeats` n×n products) and copy bandwidth (bytes read +
-    written per second, best of half as many copies of a `copy_mb` array)."""
+def machine_rates(matmul_n: int = 1024, copy_mb: int = 256, repeats: int = 10, samples: int = 5,
+                  gap_s: float = 0.1) -> dict:
+    """This machine's best rates: numpy float32 matmul FLOP/s (n×n products) and copy bandwidth (bytes
+    read + written per second) from DRAM (a `copy_mb` array) and from each cache level (L2, L3: a
+    copy whose source and destination fill half the level).
+
+    Each rate is the best of `samples` samples taken `gap_s` apart, each sample the best of `repeats`
+    calls: on a shared machine one burst of calls can land wholly in a busy moment (one sample read
+    32-67 GFLOP/s instead of ~200 here), several spread out rarely do. The samples are kept in the
+    result, so a report shows how far apart they were.
+    """
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((matmul_n, matmul_n), dtype=np.float32) for _ in range(2))
     a @ b  # warm-up: BLAS threads, page faults
-    best = min(seconds_of(lambda: a @ b) for _ in range(repeats))
     src = np.ones(copy_mb * (1 << 20) // 4, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    copy = min(seconds_of(lambda: np.copyto(dst, src)) for _ in range(max(1, repeats // 2)))
-    return {"matmul_flops": 2 * matmul_n ** 3 / best, "copy_bytes_per_s": 2 * src.nbytes / copy}
+    levels = {f"L{level}": size for level, size in cache_sizes().items() if level >= 2}
+    matmul, copy, cached = [], [], {name: [] for name in levels}
+    for i in range(samples):
+        if i:
+            time.sleep(gap_s)
+        matmul.append(2 * matmul_n ** 3 / min(seconds_of(lambda: a @ b) for _ in range(repeats)))
+        copy.append(2 * src.nbytes / min(seconds_of(lambda: np.copyto(dst, src)) for _ in range(max(1, repeats // 2))))
+        for name, size in levels.items():
+            cached[name].append(_copy_rate(size // 4, repeats))  # source + copy: half the level
+    rates = {"matmul_flops": max(matmul), "copy_bytes_per_s": max(copy),
+             "matmul_samples": matmul, "copy_samples": copy, "caches": {}}
+    for name, size in levels.items():
+        rates["caches"][name] = {"bytes": size, "copy_bytes_per_s": max(cached[name])}
+    return rates
+
+
+def _copy_rate(nbytes: int, repeats: int) -> float:
+    """Bytes read + written per second copying an array of `nbytes` that stays in cache (many copies per timing)."""
+    src = np.ones(max(1, nbytes // 4), dtype=np.float32)
+    dst = np.empty_like(src)
+    laps = max(1, (64 << 20) // max(src.nbytes, 1))  # ~64 MB moved per timing: long enough to time
+
+    def copies():
+        for _ in range(laps):
+            np.copyto(dst, src)
+
+    copies()
+    return 2 * src.nbytes * laps / min(seconds_of(copies) for _ in range(max(1, repeats // 2)))
+
+
+def cache_sizes() -> dict[int, int]:
+    """Data/unified cache bytes per level of CPU 0 ({2: 1048576, 3: 33554432}); {} where the OS does not say."""
+    sizes: dict[int, int] = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes[level] = int(text.rstrip("KMG")) * unit
+        except ValueError:
+            continue
+    return sizes
+
+
+def best_rates(*measured: dict) -> dict:
+    """The best of several machine_rates results (taken before and after the timed figures), samples pooled."""
+    out = dict(measured[0])
+    for key in ("matmul", "copy"):
+        out[f"{key}_samples"] = [x for m in measured for x in m.get(f"{key}_samples", [])]
+    out["matmul_flops"] = max(m["matmul_flops"] for m in measured)
+    out["copy_bytes_per_s"] = max(m["copy_bytes_per_s"] for m in measured)
+    out["caches"] = {name: {"bytes": c["bytes"],
+                            "copy_bytes_per_s": max(m.get("caches", {}).get(name, c)["copy_bytes_per_s"] for m in measured)}
+                     for name, c in measured[0].get("caches", {}).items()}
+    return out
+
+
+def cache_level(nbytes: int, caches: dict) -> Optional[str]:
+    """The smallest cache level ("L2", "L3") that holds `nbytes` with room to spare (half its size); None if none does."""
+    fits = [(c["bytes"], name) for name, c in caches.items() if nbytes <= c["bytes"] // 2]
+    return min(fits)[1] if fits else None
 
 
 @dataclass
