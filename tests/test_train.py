@@ -208,5 +208,6 @@ def test_train_without_torch_names_the_extra(tmp_path):
             "from typer.testing import CliRunner\nfrom captool.cli import app\n"
             "r = CliRunner().invoke(app, ['train', '--data', 'd', '--out', 'o'])\n"
             "print(r.exit_code, r.output)")
+    (tmp_path / "d").mkdir()  # a --data that exists: the path checks pass without torch
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.stdout.startswith("2 ") and "pip install 'captool[train]'" in done.stdout, done.stdout + done.stderr
