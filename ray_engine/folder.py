@@ -13,11 +13,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from captool.bundle import load_manifest
 from captool.errors import CaptoolError
 from captool.inputs import Item, expand_inputs
+from captool.preprocess import _one_line
 from captool.records import Record, bundle_id
 
 STATE = "_captool.json"  # the folder's bundle id and progress
@@ -71,6 +74,29 @@ def open_folder(out: Path, bundle: str) -> dict:
     return state
 
 
+def ray_reason(e: Exception) -> str:
+    """The line of a Ray error that says what went wrong on the worker (its last `...Error: ...` line)."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return _one_line(Exception(causes[-1] if causes else lines[0] if lines else type(e).__name__))
+
+
+def table_records(table, given: dict, out: Path) -> list[Record]:
+    """A block of rows as Records, each named by the input as it was given (Ray names the absolute path)."""
+    records = []
+    for row in table.to_pylist():
+        record = Record.from_row(row)
+        if not given.get(record.path):
+            raise CaptoolError(f"Ray returned a record for {record.path}, which was not asked for; "
+                               f"the parts in {out} are whole: run the same command again")
+        name = given[record.path].popleft()
+        if name != record.path:  # the same error text, naming the input as given
+            record = Record(name, record.caption, record.tokens,
+                            record.error.replace(record.path, name) if record.error else None, record.bundle)
+        records.append(record)
+    return records
+
+
 def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Optional[str] = None,
                       bundle: str | Path | None = None, by_value: bool = True, actors: int = 2,
                       cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, device: str = "cpu",
@@ -94,6 +120,7 @@ def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Option
         from captool.models import default_bundle
 
         bundle = default_bundle()
+    load_manifest(bundle)  # a missing or damaged bundle is a BundleError before anything starts
     out = Path(out)
     state = open_folder(out, bundle_id(bundle))
     items = expand_inputs(list(inputs))
@@ -136,19 +163,17 @@ def caption_to_folder(inputs: Sequence[str], out: str | Path, *, address: Option
                              threads=threads,
                              batch_size=batch_size, beam_size=beam_size, max_length=max_length,
                              length_penalty=length_penalty, **({"actor": actor} if actor else {}))
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            records = []
-            for row in table.to_pylist():
-                record = Record.from_row(row)
-                if not given.get(record.path):
-                    raise CaptoolError(f"Ray returned a record for {record.path}, which was not asked for; "
-                                       f"the parts in {out} are whole: run the same command again")
-                name = given[record.path].popleft()
-                if name != record.path:  # the same error text, naming the input as given
-                    record = Record(name, record.caption, record.tokens,
-                                    record.error.replace(record.path, name) if record.error else None, record.bundle)
-                records.append(record)
-            write(records)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus_per_actor > gpus:
+            raise CaptoolError(f"the Ray cluster has {gpus:g} GPUs, {gpus_per_actor:g} needed per actor: add GPU nodes, "
+                               f"or caption on CPU (--device cpu)")
+        try:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                write(table_records(table, given, out))
+        except ray.exceptions.RayError as e:  # an actor that cannot start (a bundle, CUDA), a lost node
+            reason = ray_reason(e)
+            raise CaptoolError(f"the Ray job failed ({type(e).__name__}: {reason}); the parts written so far stay "
+                               f"in {out}: fix the cause and run the same command again") from None
     missing = sum(len(q) for q in given.values()) if files else 0
     if missing:
         raise CaptoolError(f"Ray returned no record for {missing} inputs; run the same command again to "
