@@ -142,3 +142,14 @@ def test_a_folder_keeps_its_bundle(tmp_path):
     assert written_paths(out) == {"x.png": 1, "y.png": 1} and not list(out.glob(".part-*"))
     with pytest.raises(CaptoolError, match="another --out"):
         open_folder(out, "b" * 64)
+
+
+def test_engine_ray_usage_errors_are_one_line(files):
+    from typer.testing import CliRunner
+
+    from captool.cli import app
+
+    for args in (["--engine", "ray"], ["--out", "x"], ["--engine", "spark", "--out", "x"]):
+        result = CliRunner().invoke(app, ["run", str(files[0]), *args])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and "--engine" in result.stderr
