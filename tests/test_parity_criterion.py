@@ -164,8 +164,10 @@ def gates_swapped(a):
 
 
 def wrong_normalization(a):
-    (name,) = [k for k, v in a.items() if v.size == 1 and v.dtype == np.float32 and v.item() == 255]  # the / 255
-    a[name] = np.full_like(a[name], 256.0)
+    # The exporter folds the / 255 (and / std) into the first convolution, the only one that reads the 3
+    # colour channels: scaling its weights by 255/256 is exactly dividing the pixels by 256 instead.
+    (name,) = [k for k, v in a.items() if v.ndim == 4 and v.shape[1] == 3 and v.shape[2] > 1]  # (C_out, 3, k, k)
+    a[name] = a[name] * np.float32(255.0 / 256.0)
 
 
 # name: (graph file, change, cells, the graphs the report may name as worst, the output, least margin
