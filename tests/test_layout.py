@@ -22,6 +22,7 @@ ALLOWED = {
     "evaluation": ("captool.evaluation", {"captool", "captool.datasets"}),
     "export": ("captool.export", {"captool", "captool.datasets", "captool.training", "captool.evaluation"}),
     "benchmarks": ("captool.benchmarks", {"captool", "captool.datasets", "captool.evaluation"}),
+    "ray_engine": ("captool.ray", {"captool"}),
 }
 STAGES = {name for name, _ in ALLOWED.values()} - {"captool"}
 
@@ -87,4 +88,4 @@ def test_cli_lists_commands_in_workflow_order():
     from captool.cli import app
 
     names = list(get_command(app).commands)
-    assert names == ["synth", "train", "export", "verify", "run", "eval", "bench", "info"]
+    assert names == ["synth", "train", "export", "verify", "run", "eval", "bench", "info", "conform"]
