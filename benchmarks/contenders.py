@@ -139,7 +139,8 @@ def make_contenders(names: list[str], captioner, checkpoint: Optional[Path], thr
 def against(captioner, names: list[str], pixels: np.ndarray, batch64: np.ndarray, *, checkpoint: Optional[Path],
             threads: Optional[int], repeats: int, interleaved: Callable) -> dict:
     """Per contender: caption latency at batch 1 (median over the images) and throughput at batch 64,
-    each interleaved with captool's own calls, and whether its tokens equal captool's."""
+    each interleaved with captool's own calls in blocks (3 untimed, 3 timed per side), and whether
+    its tokens equal captool's."""
     contenders, skipped = make_contenders(names, captioner, checkpoint, threads)
     n = len(pixels)
     singles = [pixels[i:i + 1] for i in range(n)]  # n × (1, 3, S, S)
@@ -151,7 +152,9 @@ def against(captioner, names: list[str], pixels: np.ndarray, batch64: np.ndarray
         rows_equal = int(np.sum(np.all(got == want, axis=1))) if got.shape == want.shape else 0
         times = interleaved({"caption_b1": (ours["caption_b1"], lambda r, g=generate: g(singles[r % n])),
                              "caption_b64": (ours["caption_b64"], lambda r, g=generate: g(batch64))},
-                            {"caption_b1": repeats, "caption_b64": max(3, repeats // 5)}, settle=("caption_b1",))
+                            {"caption_b1": repeats, "caption_b64": max(3, repeats // 5)},
+                            settle=("caption_b1", "caption_b64"))  # each side in its steady state: the
+        # other side's thread pool may still spin after its call (a plain session spins by default)
         b1 = {side: float(np.median(t)) for side, t in zip(("captool", label), times["caption_b1"])}
         b64 = {side: 64 / float(np.median(t)) for side, t in zip(("captool", label), times["caption_b64"])}
         out["contenders"][label] = {
