@@ -20,7 +20,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from captool.bundle import STATE_FROM_ENCODER
 from captool.decode import initial_state
 from captool.errors import CaptoolError
 from captool.evaluation import Sampler, open_model
-from .floor import graph_cost, machine_rates, seconds_of
+from .floor import best_rates, cache_level, graph_cost, machine_rates, seconds_of
 from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 from captool.progress import Progress, phase
 
@@ -232,11 +232,14 @@ def _summary(seconds: list[float]) -> tuple[float, float]:
 
 def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images: int = 16,
           repeats: int = 20, cold: bool = True, cold_repeats: int = 3, threads: Optional[int] = None,
-          image_dir: Optional[Path] = None, rates: Optional[dict] = None) -> dict:
+          image_dir: Optional[Path] = None, rates: Optional[dict] = None,
+          pipeline: Optional[dict[str, int]] = None, pipeline_batch: int = 64, against: Sequence[str] = ()) -> dict:
     """Every figure for the runtime (and PyTorch where `checkpoint` is given), as one JSON-able dict.
 
     `repeats` times each per-call figure; the batch-8 and batch-64 captions get a fifth of that (at
-    least 3). `rates` replaces the machine measurement (tests pass small sizes).
+    least 3). `rates` replaces the machine measurement (tests pass small sizes). `pipeline`: image
+    counts per kind (captool.benchmarks.pipeline.KINDS) for the pipeline section, None to skip it;
+    `against`: contenders (captool.benchmarks.contenders.CONTENDERS) measured beside captool.
     """
     if repeats < 2 or cold_repeats < 1:
         raise CaptoolError(f"--repeats must be >= 2 and --cold-repeats >= 1, got {repeats} and {cold_repeats}")
@@ -246,6 +249,11 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
     pytorch = open_model(checkpoint, threads=threads) if checkpoint is not None else None
     if pytorch is not None:
         _check_same_model(runtime, pytorch)
+    if against:
+        from .contenders import parse_against
+
+        against = parse_against(",".join(against))  # unknown names refused before anything is timed
+    sampled = [] if rates is not None else [machine_rates()]  # the rates: best of before and after the figures
     pixels = bench_images(images, runtime.image_size, image_dir)
     batch64 = np.concatenate([pixels] * (64 // len(pixels) + 1))[:64]  # (64,3,S,S), images repeated
     counts = {name: repeats for name in ("caption_b1", "encoder_b1", "step_b1", "step_b64")}
@@ -292,9 +300,20 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
                 values[side]["cold_start_peak_rss"] = started[side]["peak_rss"]
         if "captions_agree" in started:
             report["cold_start_captions_agree"] = started["captions_agree"]
+    if against:
+        from .contenders import against as measure_against
+
+        report["against"] = measure_against(runtime.model, list(against), pixels, batch64,
+                                            checkpoint=Path(checkpoint) if checkpoint else None, threads=threads,
+                                            repeats=repeats, interleaved=interleaved)
+    if pipeline is not None:
+        from .pipeline import pipeline as measure_pipeline
+
+        report["pipeline"] = measure_pipeline(runtime.model, counts=pipeline, batch_size=pipeline_batch,
+                                              repeats=max(2, repeats // 5))
     report["figures"] = _figures(values)
     with phase("bench: this machine's compute and memory rates"):
-        report["machine"] = _machine(runtime, pytorch, rates or machine_rates())
+        report["machine"] = _machine(runtime, pytorch, rates or best_rates(*sampled, machine_rates()))
     report["floor"] = _floor(runtime, values["runtime"], report["machine"])
     return report
 
@@ -343,11 +362,15 @@ def _floor(runtime: Sampler, measured: dict, machine: dict) -> dict:
         compute = cost.flops / machine["matmul_flops"]
         memory = (cost.weight_bytes + cost.io_bytes) / machine["copy_bytes_per_s"]
         floor = max(compute, memory)
+        level = cache_level(cost.weight_bytes + cost.io_bytes, machine.get("caches", {}))
         out[name] = {"macs": cost.macs, "flops": cost.flops, "weight_bytes": cost.weight_bytes,
                      "io_bytes": cost.io_bytes, "activation_bytes": cost.activation_bytes,
                      "compute_floor_s": compute, "memory_floor_s": memory,
                      "bound": "compute" if compute >= memory else "memory",
                      "measured_s": measured[name], "x_from_floor": measured[name] / floor,
+                     "cache_level": level,  # the smallest cache that holds the weights + I/O (None: DRAM)
+                     "cache_floor_s": None if level is None else
+                     (cost.weight_bytes + cost.io_bytes) / machine["caches"][level]["copy_bytes_per_s"],
                      "uncounted": cost.uncounted}
     return out
 
@@ -355,12 +378,26 @@ def _floor(runtime: Sampler, measured: dict, machine: dict) -> dict:
 # ---- output ------------------------------------------------------------------------------------------
 
 
-def _below_floor(f: dict) -> str:
-    """Why a figure beat its floor: cache-resident weights (memory floor) or low measured rates."""
+def _below_floor(f: dict, machine: dict) -> str:
+    """Why a figure beat its floor, naming the cache level that explains it."""
+    moved = (f["weight_bytes"] + f["io_bytes"]) / 1e6
+    level = f.get("cache_level")
+    size = machine.get("caches", {}).get(level, {}).get("bytes", 0) / 1e6
     if f["bound"] == "memory":
-        return (f" (below it: the {f['weight_bytes'] / 1e6:.3g} MB of weights stay in cache between calls, so the "
-                f"DRAM floor does not bind; the compute floor is {f['compute_floor_s'] * 1e6:.3g} µs)")
-    return " (below it: the machine's matmul rate was measured low; rerun on a quiet machine)"
+        if level is None:
+            return (f" (below it, yet its {moved:.3g} MB fit no cache level: the copy rate was sampled low, "
+                    f"samples {_spread(machine.get('copy_samples'), 1e9)} GB/s; rerun on a quiet machine)")
+        return (f" (below it: its {moved:.3g} MB of weights and I/O stay in {level} ({size:.3g} MB) between calls, so "
+                f"the DRAM floor does not bind; from {level} ({machine['caches'][level]['copy_bytes_per_s'] / 1e9:.3g} "
+                f"GB/s) the floor is {f['cache_floor_s'] * 1e6:.3g} µs, the compute floor "
+                f"{f['compute_floor_s'] * 1e6:.3g} µs)")
+    where = f"in {level} ({size:.3g} MB)" if level else "beyond every cache level"
+    return (f" (below it: the reference matmul's operands (3 × 4 MB, n = 1024) stream from L3, this graph's "
+            f"{moved:.3g} MB sit {where}; matmul samples {_spread(machine.get('matmul_samples'), 1e9)} GFLOP/s)")
+
+
+def _spread(samples: Optional[list], scale: float) -> str:
+    return "-" if not samples else f"{min(samples) / scale:.3g}–{max(samples) / scale:.3g}"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -376,7 +413,8 @@ def table(report: dict) -> str:
              f"{report.get('step_graph', 'decoder_step')})"
              + (f" vs checkpoint {report['checkpoint']}" if report["checkpoint"] else ""),
              f"machine: {m['cpu']}, {m['cores']} cores; matmul {m['matmul_flops'] / 1e9:.1f} GFLOP/s, "
-             f"copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s; onnxruntime {m['onnxruntime']}"
+             f"copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s (best of {len(m.get('matmul_samples', [])) or 1} samples: "
+             f"{_spread(m.get('matmul_samples'), 1e9)} GFLOP/s); onnxruntime {m['onnxruntime']}"
              + (f", torch {m['torch']} ({m['torch_threads']} threads)" if "torch" in m else ""),
              "", f"{'figure':<22}{'unit':<10}{'runtime':>10}{'pytorch':>10}{'runtime better by':>19}"]
     for name, f in report["figures"].items():
@@ -385,6 +423,14 @@ def table(report: dict) -> str:
     for key in ("tokens_agree_b64", "cold_start_captions_agree"):
         if key in report:
             lines.append(f"{key}: {'yes' if report[key] else 'NO'}")
+    if "pipeline" in report:
+        from .pipeline import pipeline_lines
+
+        lines += ["", *pipeline_lines(report["pipeline"])]
+    if "against" in report:
+        from .contenders import against_lines
+
+        lines += ["", *against_lines(report["against"])]
     lines.append("")
     floor = report["floor"]
     if "skipped" in floor:
@@ -394,7 +440,7 @@ def table(report: dict) -> str:
         lines.append(f"{name}: {f['flops'] / 1e6:.3g} MFLOP, {(f['weight_bytes'] + f['io_bytes']) / 1e6:.3g} MB; "
                      f"runtime {f['measured_s'] * 1e3:.3g} ms vs floor {limit * 1e3:.3g} ms: "
                      f"{f['x_from_floor']:.1f}× from the {f['bound']} floor"
-                     + (_below_floor(f) if f["x_from_floor"] < 1 else ""))
+                     + (_below_floor(f, m) if f["x_from_floor"] < 1 else ""))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ import captool
 from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256_file
 from captool.errors import CaptoolError
 from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
-from captool.preprocess import RESIZE_POLICY
+from captool.preprocess import PREPROCESSING, RESIZE_POLICY
 from captool.progress import phase
 
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
@@ -245,6 +245,7 @@ def build_manifest(model, root: Path, graphs: dict, *, opset: int, precision: st
         "special_tokens": {"null": 0, "start": 1, "end": 2, "unk": 3},
         "image": {
             "size": cfg.image_size, "channels": "RGB", "dtype": "uint8", "layout": "NCHW", "resize": RESIZE_POLICY,
+            "preprocessing": PREPROCESSING,
             # What the encoder graph does first, written from the module's own constants.
             "normalization": {"scale": 1 / 255, "mean": _floats(fe.mean), "std": _floats(fe.std), "in_graph": True},
         },

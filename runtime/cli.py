@@ -294,6 +294,25 @@ def run_command(
     threads: Annotated[Optional[int], typer.Option(
         min=1, help="CPU threads for the encoder (default: one per core).", show_default=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show onnxruntime's own log and the providers.")] = False,
+    attention_cache: Annotated[Optional[bool], typer.Option(
+        "--attention-cache/--no-attention-cache",
+        help="Decode with the bundle's attention cache (default: where the bundle has one).", show_default=False)] = None,
+    io_binding: Annotated[bool, typer.Option(
+        "--io-binding/--no-io-binding", help="Run the decoder step through IO binding (bound buffers; on CUDA the "
+                                             "state stays on the GPU). Off: session.run every step.")] = True,
+    spin: Annotated[bool, typer.Option(
+        "--spin/--no-spin", help="Encoder threads spin between ops within a run (faster at small batches; "
+                                 "--no-spin on a machine whose cores are busy).")] = True,
+    engine: Annotated[str, typer.Option(
+        help="local: this process; ray: a Ray cluster (the ray extra), records into --out (docs/scale.md).")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        help="With --engine ray: the cluster (auto, host:port, ray://host:10001); default: a new local one.",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="With --engine ray: a folder of JSON Lines parts, one record per input; a rerun into it captions only "
+             "the inputs it lacks.", show_default=False)] = None,
+    actors: Annotated[int, typer.Option(min=1, help="With --engine ray: captioning actors (each holds --threads CPUs, "
+                                                    "default 1, or a GPU with --device cuda).")] = 2,
 ) -> None:
     """Caption images on onnxruntime, no PyTorch needed.
 
@@ -320,6 +339,16 @@ def run_command(
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
+    if engine not in ("local", "ray"):
+        raise fail(f"unknown --engine {engine!r}; use local or ray")
+    if engine == "ray" or address is not None or out is not None:
+        started()  # Ray starts processes of its own: Ctrl-C must reach the clean-up, not os._exit
+        if engine != "ray" or out is None:
+            raise fail("--engine ray writes its records into a folder: give --engine ray and --out DIR "
+                       "(--address and --out go with --engine ray only)")
+        raise typer.Exit(code=run_on_ray(inputs, out, address=address, model=model, device=device, actors=actors,
+                                         threads=threads, batch_size=batch_size, beam_size=beam_size,
+                                         max_length=max_length, length_penalty=length_penalty))
     try:
         from .run import OUTPUT_ERROR_EXIT, OutputError, run_inputs
 
@@ -329,7 +358,8 @@ def run_command(
             try:
                 code = run_inputs(inputs, model=model, device=device, batch_size=batch_size, beam_size=beam_size,
                                   max_length=max_length, length_penalty=length_penalty, threads=threads,
-                                  as_json=json_lines, verbose=verbose, on_start=started)
+                                  as_json=json_lines, verbose=verbose, on_start=started,
+                                  io_binding=io_binding, attention_cache=attention_cache, spin=spin)
             except OutputError as e:
                 raise fail(str(e), OUTPUT_ERROR_EXIT) from None
     except KeyboardInterrupt:
@@ -340,6 +370,29 @@ def run_command(
     finally:
         started()
     raise typer.Exit(code=code)
+
+
+def run_on_ray(inputs: list[str], out: Path, *, address: Optional[str], model: Optional[Path], device: str,
+               actors: int, threads: Optional[int], **decoding) -> int:
+    """`captool run --engine ray`: 0 every input captioned, 1 some failed (their records say why)."""
+    if device == "auto":
+        device = "cpu"  # a GPU actor is asked for explicitly (--device cuda), so that Ray reserves the GPU
+    try:
+        with errors_to_exit():
+            try:
+                from captool.ray.folder import caption_to_folder
+            except ImportError as e:
+                if (e.name or "").split(".")[0] in ("ray", "pyarrow"):
+                    raise MissingExtraError("ray", "ray") from None
+                raise
+            summary = caption_to_folder(inputs, out, address=address, bundle=model, actors=actors,
+                                        cpus_per_actor=float(threads or 1), threads=threads,
+                                        gpus_per_actor=1.0 if device == "cuda" else 0.0, device=device, **decoding)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; the parts written so far stay in {out}: run the same command to go on", 130) from None
+    typer.echo(f"captool: {summary['inputs']} inputs: {summary['written']} written now ({summary['failed']} failed), "
+               f"{summary['skipped']} already in {out}; {summary['parts']} parts", err=True)
+    return 1 if summary["failed"] else 0
 
 
 @app.command(name="eval")
@@ -398,6 +451,12 @@ def bench_command(
     threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for onnxruntime and torch alike "
                                                         "(default: each library's own).")] = None,
     image_dir: Annotated[Optional[Path], typer.Option(help="Benchmark on these image files instead of synth scenes.")] = None,
+    pipeline: Annotated[bool, typer.Option(help="Also time `captool run` end to end on generated photos (640×480 and "
+                                                "12-megapixel JPEGs, 112-px PNGs) against the model alone.")] = True,
+    pipeline_images: Annotated[int, typer.Option(help="Photos per kind for --pipeline (12-megapixel JPEGs: a "
+                                                      "32nd of it, at least 1).")] = 256,
+    against: Annotated[Optional[str], typer.Option(help="Other engines measured beside captool where installed, "
+                                                        "comma-separated: openvino, torch-compile, onnxruntime.")] = None,
 ) -> None:
     """Latency, throughput, decoder step and cold start of the runtime vs PyTorch, and the hardware floor."""
     with errors_to_exit():
@@ -409,8 +468,13 @@ def bench_command(
         from captool.benchmarks.bench import bench, table
         from captool.benchmarks.bench import plot as draw
 
+        from captool.benchmarks.contenders import parse_against
+        from captool.benchmarks.pipeline import pipeline_counts
+
         report = bench(bundle, checkpoint, images=images, repeats=repeats, cold=cold,
-                       cold_repeats=cold_repeats, threads=threads, image_dir=image_dir)
+                       cold_repeats=cold_repeats, threads=threads, image_dir=image_dir,
+                       pipeline=pipeline_counts(pipeline_images) if pipeline else None,
+                       against=parse_against(against))
         if plot is not None:
             draw(report, plot)
     typer.echo(json.dumps(report) if as_json else table(report))
@@ -430,6 +494,30 @@ def info_command(
     with errors_to_exit():
         info = bundle_info(bundle if bundle is not None else default_bundle())
     typer.echo(json.dumps(info) if as_json else info_text(info))
+
+
+@app.command("conform")
+def conform_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle the vectors were made with (models/shapes-attention).")],
+    client: Annotated[str, typer.Option("--client", help="Command of the runtime under test: gets BUNDLE as its last "
+                                        "argument and image paths on stdin, writes one JSON line per path "
+                                        "(docs/bundle-format.md, Conformance).")],
+    vectors: Annotated[Path, typer.Option("--vectors", help="Folder of vectors.json and images/.")] = Path("conformance"),
+    pixels_only: Annotated[bool, typer.Option("--pixels-only", help="Check the preprocessed pixels only; the client "
+                                              "gets no bundle argument.")] = False,
+) -> None:
+    """Check a runtime against the conformance vectors: pixels of every image, and the tokens (greedy, beam 3)."""
+    from .conform import conform
+
+    with errors_to_exit():
+        agree, problems = conform(bundle, client, vectors=vectors, pixels_only=pixels_only)
+    for line in problems:
+        typer.echo(line)
+    total = agree + len({p.split(":")[0] for p in problems})
+    what = "pixels" if pixels_only else "pixels, greedy and beam-3 tokens"
+    typer.echo(f"conformance: {agree} of {total} images agree ({what})")
+    if problems:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -7,23 +7,26 @@ while the inputs around it are still captioned, in input order.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import json
 import os
 import queue
 import stat
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from PIL.Image import DecompressionBombWarning
 
 from .errors import CaptoolError, ImageError
 from .inputs import Item, expand_inputs
-from .preprocess import _one_line, preprocess
+from .preprocess import preprocess
 from .progress import Progress, on_terminal
+from .records import Record, printable, records_of  # noqa: F401  (Record, printable: captool.run's names too)
 
 PROGRESS_MIN = 50  # inputs from which a progress bar is worth drawing (on a terminal only)
 OUTPUT_ERROR_EXIT = 3  # `captool run`'s exit status when the records cannot be written
@@ -51,8 +54,25 @@ def _read(item: Item, size: int) -> tuple[Item, Optional[np.ndarray]]:
         return Item(item.path, f"{item.path}: cannot read image ({type(e).__name__}: {e})"), None
 
 
-def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int = 2) -> Iterator[Batch]:
-    """Batches of preprocessed images, made on a thread at most `depth` batches ahead of the consumer."""
+DECODERS = min(4, os.cpu_count() or 1)  # decode threads per loader: Pillow releases the GIL in decode and resize
+
+
+def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int = 2,
+                 decoders: Optional[int] = None) -> Iterator[Batch]:
+    """Batches of preprocessed images, in input order, made at most `depth` batches ahead of the consumer.
+
+    A loader thread hands each input to a pool of `decoders` threads (default DECODERS) and collects
+    the results in input order. Pillow releases the GIL while it decodes and resizes, so the decodes
+    overlap one another and the consumer's inference. Memory stays bounded: besides the `depth`
+    queued batches, only the batch being read (at most `batch_size` inputs submitted or collected,
+    and at most 4 per decode thread submitted and not collected), and each decode thread holds one
+    full-size image at a time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = decoders if decoders is not None else DECODERS
+    if workers < 1:
+        raise ValueError(f"decoders must be >= 1, got {workers}")
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -72,19 +92,44 @@ def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int =
         return Batch([it for it, _ in chunk], images, readable)
 
     def loader() -> None:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captool-decode")
+        pending: collections.deque = collections.deque()  # futures of _read, in input order
+        cap = 4 * workers  # submitted and not collected: enough to keep every decode thread busy
+        chunk: list = []
+
+        def collect() -> bool:  # the oldest input's result into the batch; False once the consumer left
+            chunk.append(pending.popleft().result())
+            if len(chunk) < batch_size:
+                return True
+            batch = make(chunk)
+            chunk.clear()
+            return put(batch)
+
         try:
-            chunk: list = []
-            for item in items:
-                chunk.append(_read(item, size))
-                if len(chunk) == batch_size:
-                    if not put(make(chunk)):
+            # preprocess turns Pillow's DecompressionBombWarning into an error inside a
+            # warnings.catch_warnings, which swaps one process-wide filter list: with several decode
+            # threads, one thread's exit could restore a list without that filter while another
+            # decodes. Set here, around the pool, every list a thread saves and restores carries it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DecompressionBombWarning)
+                for item in items:
+                    if stop.is_set():
                         return
-                    chunk = []
-            if chunk and not put(make(chunk)):
-                return
-            put(done)
+                    pending.append(pool.submit(_read, item, size))
+                    # Beyond the queued batches, only the batch being read: submitted + collected <= batch_size.
+                    while pending and (len(pending) >= cap or len(pending) + len(chunk) >= batch_size):
+                        if not collect():
+                            return
+                while pending:
+                    if not collect():
+                        return
+                if chunk and not put(make(chunk)):
+                    return
+                put(done)
         except BaseException as e:  # a bug, not a bad input: hand it to the consumer to raise
             put(e)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     thread = threading.Thread(target=loader, name="captool-loader", daemon=True)
     thread.start()
@@ -101,58 +146,15 @@ def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int =
         thread.join(timeout=5)
 
 
-def printable(text: str) -> str:
-    """`text` as valid UTF-8 for the records: a file name's bytes that are not UTF-8 (which Python
-    holds as the surrogates U+DC80..U+DCFF) are written as the four characters `\\xHH`."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else
-                       f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
-
-
-@dataclass(frozen=True)
-class Record:
-    """One output line: a caption, or the reason there is none."""
-
-    path: str
-    caption: Optional[str] = None
-    tokens: Optional[list[int]] = None
-    error: Optional[str] = None
-
-    def to_json(self) -> str:
-        if self.error is not None:
-            return json.dumps({"path": printable(self.path), "error": printable(self.error)}, ensure_ascii=False)
-        return json.dumps({"path": printable(self.path), "caption": printable(self.caption), "tokens": self.tokens},
-                          ensure_ascii=False)
-
-    def to_text(self) -> str:
-        # A tab or newline in a name would break the two columns: written as \t, \n, \r.
-        path = printable(self.path).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-        return f"{path}\t{printable(self.caption)}"
-
-
 def caption_items(captioner, items: Sequence[Item], *, batch_size: int = 32, beam_size: int = 1,
-                  max_length: Optional[int] = None, length_penalty: float = 0.0) -> Iterator[Record]:
+                  max_length: Optional[int] = None, length_penalty: float = 0.0,
+                  bundle: Optional[str] = None) -> Iterator[Record]:
     """One Record per item, in order, while the loader thread reads the next batch. A batch that
     fails to caption (an onnxruntime error) gives its inputs error records; the others go on."""
     for batch in load_batches(items, captioner.manifest.image_size, batch_size):
-        captions, failure = {}, None
-        if batch.readable:
-            try:
-                tokens = captioner.generate(batch.images, beam_size=beam_size, max_length=max_length,
-                                            length_penalty=length_penalty)  # (n, L)
-                captions = {i: captioner.to_caption(row) for i, row in zip(batch.readable, tokens)}
-            except Exception as e:
-                failure = f"captioning failed ({type(e).__name__}: {_one_line(e)})"
-        for i, item in enumerate(batch.items):
-            if i in captions:
-                yield Record(item.path, captions[i].text, captions[i].tokens)
-            else:
-                yield Record(item.path, error=item.error or f"{item.path}: {failure}")
+        yield from records_of(captioner, [it.path for it in batch.items], batch.images, batch.readable,
+                              [it.error for it in batch.items], beam_size=beam_size, max_length=max_length,
+                              length_penalty=length_penalty, bundle=bundle)
 
 
 def progress_bar(total: int, stream: IO[str], enabled: Optional[bool] = None) -> Progress:

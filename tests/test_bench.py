@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from captool import Captioner
 from captool.benchmarks.bench import FIGURES, bench, plot, table
-from captool.benchmarks.floor import graph_cost
+from captool.benchmarks.contenders import against_lines, parse_against
+from captool.benchmarks.floor import best_rates, cache_level, graph_cost, machine_rates
+from captool.benchmarks.pipeline import KINDS, photo_set, pipeline_counts
 from captool.bundle import load_manifest
 from captool.cli import app
 from captool.errors import CaptoolError
@@ -135,7 +137,7 @@ def test_runtime_only_bench_table_and_plot(tiny_bundle, tmp_path):
 def test_side_by_side_cli_json(tiny_bundle, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr("captool.benchmarks.bench.machine_rates", lambda: RATES)
     result = runner.invoke(app, ["bench", str(tiny_bundle("rnn")), "--checkpoint", str(tiny_checkpoint("rnn")),
-                                 "--json", "--images", "2", "--repeats", "3", "--cold-repeats", "1"])
+                                 "--json", "--images", "2", "--repeats", "3", "--cold-repeats", "1", "--no-pipeline"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     check_figures(report, ("runtime", "pytorch"))
@@ -169,8 +171,109 @@ def test_bench_without_torch(tiny_bundle, tiny_checkpoint):
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
     bundle = str(tiny_bundle("rnn"))
-    alone = captool("bench", bundle, "--json", "--no-cold", "--images", "1", "--repeats", "2")
+    alone = captool("bench", bundle, "--json", "--no-cold", "--no-pipeline", "--images", "1", "--repeats", "2")
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout)["figures"]["step_b1"]["runtime"] > 0
-    refused = captool("bench", bundle, "--checkpoint", str(tiny_checkpoint("rnn")), "--no-cold")
+    refused = captool("bench", bundle, "--checkpoint", str(tiny_checkpoint("rnn")), "--no-cold", "--no-pipeline")
     assert refused.returncode == 2 and "captool[train]" in refused.stderr
+
+
+# ---- the pipeline section, the contenders, the floor's rates -------------------------------------------
+
+
+def test_pipeline_section(tiny_bundle, tmp_path):
+    """`captool run` on generated photos against the model alone: both rates, their ratio, the share."""
+    counts = {"jpeg_640x480": 3, "png_112": 3}  # no 12-megapixel photo here: too slow to make for a test
+    report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, pipeline=counts, pipeline_batch=2)
+    section = report["pipeline"]
+    assert section["batch_size"] == 2 and set(section["kinds"]) == set(counts)
+    for name, k in section["kinds"].items():
+        assert k["images"] == counts[name] and (k["width"], k["height"]) == (KINDS[name].width, KINDS[name].height)
+        for key in ("pipeline_images_per_s", "model_images_per_s", "preprocess_ms"):
+            assert math.isfinite(k[key]) and k[key] > 0, (name, key)
+        assert k["pipeline_over_model"] == pytest.approx(k["pipeline_images_per_s"] / k["model_images_per_s"])
+        assert 0 < k["preprocess_share"] < 1
+    text = table(report)
+    assert "pipeline" in text and "jpeg_640x480" in text and "png_112" in text
+    assert "pipeline" not in bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES)
+
+
+def test_photo_set_is_made_once_and_photo_like(tmp_path):
+    from PIL import Image
+
+    folder = photo_set(KINDS["jpeg_640x480"], 2, tmp_path)
+    files = sorted(folder.iterdir())
+    assert [f.suffix for f in files] == [".jpg", ".jpg"]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert photo_set(KINDS["jpeg_640x480"], 2, tmp_path) == folder  # cached: not written again
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    with Image.open(files[0]) as img:
+        assert img.size == (640, 480) and img.mode == "RGB"
+        pixels = np.asarray(img, dtype=np.float32)
+    assert pixels.std() > 20  # not a flat field: colours, edges and noise to decode
+    assert pipeline_counts(256) == {"jpeg_640x480": 256, "jpeg_12mp": 8, "png_112": 256}
+    with pytest.raises(CaptoolError, match="--pipeline-images must be >= 1"):
+        pipeline_counts(0)
+
+
+def test_onnxruntime_contender_interleaved_and_checked(tiny_bundle):
+    report = bench(tiny_bundle("attention"), images=2, repeats=2, cold=False, rates=RATES, against=["onnxruntime"])
+    c = report["against"]["contenders"]["onnxruntime"]
+    assert c["tokens_agree_b64"] == 1.0  # the same graphs, the same greedy loop: the same tokens
+    for key in ("caption_b1_ms", "throughput_b64"):
+        assert set(c[key]) == {"captool", "onnxruntime"} and all(v > 0 for v in c[key].values())
+    assert c["captool_faster_b1"] == pytest.approx(c["caption_b1_ms"]["onnxruntime"] / c["caption_b1_ms"]["captool"])
+    text = table(report)
+    assert "onnxruntime" in text and "same" in text
+
+
+def test_contenders_refused_skipped_and_wrong_answers_named(tiny_bundle, monkeypatch):
+    with pytest.raises(CaptoolError, match="unknown contender tensorrt; the contenders are onnxruntime, openvino"):
+        parse_against("openvino,tensorrt")
+    assert parse_against("onnxruntime, onnxruntime") == ["onnxruntime"] and parse_against(None) == []
+    result = runner.invoke(app, ["bench", str(tiny_bundle("rnn")), "--against", "tensorrt", "--no-cold", "--no-pipeline"])
+    assert result.exit_code == 2 and "unknown contender tensorrt" in result.output
+    # a contender without its package is skipped with the line that installs it, not an error
+    monkeypatch.setattr("captool.benchmarks.contenders.PACKAGES", {"onnxruntime": "no_such_package_xyz"})
+    report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, against=["onnxruntime"])
+    assert report["against"]["contenders"] == {} and "not installed" in report["against"]["skipped"]["onnxruntime"]
+    fast_but_wrong = {"contenders": {"quick": {"caption_b1_ms": {"quick": 0.5, "captool": 1.0},
+                                               "throughput_b64": {"quick": 2000.0, "captool": 1000.0},
+                                               "captool_faster_b1": 0.5, "captool_faster_b64": 0.5,
+                                               "tokens_agree_b64": 0.75}}, "skipped": {}}
+    line = next(ln for ln in against_lines(fast_but_wrong) if ln.startswith("quick"))
+    assert "DIFFER on 25% of rows" in line and "faster, but a different answer" in line
+
+
+def test_openvino_contender_both_precisions(tiny_bundle):
+    pytest.importorskip("openvino")
+    report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, against=["openvino"])
+    contenders = report["against"]["contenders"]
+    assert set(contenders) == {"openvino-f32", "openvino-bf16"}
+    assert contenders["openvino-f32"]["tokens_agree_b64"] == 1.0  # f32: the same arithmetic up to rounding
+    assert 0 <= contenders["openvino-bf16"]["tokens_agree_b64"] <= 1
+
+
+def test_machine_rates_are_the_best_of_spread_samples():
+    rates = machine_rates(matmul_n=64, copy_mb=1, repeats=2, samples=3, gap_s=0.0)
+    assert len(rates["matmul_samples"]) == 3 and rates["matmul_flops"] == max(rates["matmul_samples"])
+    assert rates["copy_bytes_per_s"] == max(rates["copy_samples"])
+    later = {**rates, "matmul_flops": rates["matmul_flops"] * 2, "matmul_samples": [rates["matmul_flops"] * 2]}
+    pooled = best_rates(rates, later)
+    assert pooled["matmul_flops"] == rates["matmul_flops"] * 2 and len(pooled["matmul_samples"]) == 4
+    caches = {"L2": {"bytes": 1 << 20, "copy_bytes_per_s": 80e9}, "L3": {"bytes": 32 << 20, "copy_bytes_per_s": 40e9}}
+    assert cache_level(400_000, caches) == "L2" and cache_level(1_200_000, caches) == "L3"
+    assert cache_level(100 << 20, caches) is None
+
+
+def test_below_the_floor_names_the_cache_level(tiny_bundle):
+    """A figure under its DRAM floor is explained by the cache level its bytes fit in, never left bare."""
+    caches = {"L2": {"bytes": 1 << 20, "copy_bytes_per_s": 80e9}, "L3": {"bytes": 1 << 30, "copy_bytes_per_s": 40e9}}
+    slow_dram = {"matmul_flops": 1e15, "copy_bytes_per_s": 1e6, "caches": caches,  # every figure memory-bound, below
+                 "matmul_samples": [1e15], "copy_samples": [1e6]}
+    report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=slow_dram)
+    text = table(report)
+    below = [ln for ln in text.splitlines() if "from the memory floor" in ln]
+    assert below and all("below it" in ln and ("stay in L2" in ln or "stay in L3" in ln) for ln in below)
+    for f in report["floor"].values():
+        assert f["cache_level"] in ("L2", "L3") and f["cache_floor_s"] > 0
