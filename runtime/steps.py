@@ -60,6 +60,7 @@ class BufferedStep:
                 b.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
             self._bindings.append(b)
         self._parity = 0
+        self._run = session.run_with_iobinding  # looked up once: the step is ~30 µs at batch 1
 
     def load(self, state: dict[str, np.ndarray]) -> "BufferedStep":
         """Start from this state (h, plus c and features or the attention cache where the graph takes
@@ -76,7 +77,7 @@ class BufferedStep:
         """One step on `tokens` and the current state; the logits (batch, V), overwritten by the next call."""
         # No RunOptions: onnxruntime's wrapper looks a run option up through an exception when one is
         # given without a graph id (~60 µs measured, twice the step itself).
-        self.session.run_with_iobinding(self._bindings[self._parity])
+        self._run(self._bindings[self._parity])
         self._parity ^= 1
         return self._out["logits"]
 
