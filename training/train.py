@@ -127,6 +127,9 @@ class TrainingRun:
                 "(--train-backbone; or --warmup-epochs N to train it as a concept detector, then freeze it)")
             config = replace(config, train_backbone=True)
         self.config, self.log, self.run_dir = config, log, Path(config.out)
+        # The thread count is part of the arithmetic (reduction order, features included): every run
+        # of this config, through the CLI, the API or a resume in another process, computes alike.
+        use_threads(config.threads)
         self.device = resolve_device(config.device)
         if not resume:
             try:
