@@ -134,6 +134,7 @@ def test_runtime_only_bench_table_and_plot(tiny_bundle, tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_side_by_side_cli_json(tiny_bundle, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr("captool.benchmarks.bench.machine_rates", lambda: RATES)
     result = runner.invoke(app, ["bench", str(tiny_bundle("rnn")), "--checkpoint", str(tiny_checkpoint("rnn")),
@@ -164,6 +165,7 @@ def test_bench_refuses_a_checkpoint_of_another_model(tiny_bundle, tiny_checkpoin
         bench(tiny_checkpoint("rnn"), images=1, repeats=2, cold=False, rates=RATES)
 
 
+@pytest.mark.slow
 def test_bench_without_torch(tiny_bundle, tiny_checkpoint):
     def captool(*args):
         code = ("import sys; sys.modules['torch'] = None\nfrom captool.cli import main\n"

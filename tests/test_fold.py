@@ -36,6 +36,7 @@ def extreme_images(batch: int, size: int) -> np.ndarray:
     return images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["rnn", "attention"])
 def test_folded_encoder_equals_unfolded_and_pytorch(tiny_checkpoint, tmp_path, cell):
     model = load_model(tiny_checkpoint(cell))

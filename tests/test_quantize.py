@@ -155,8 +155,8 @@ def io_of(session):
             [(a.name, a.type, a.shape) for a in session.get_outputs()])
 
 
-@pytest.mark.parametrize("precision, cell", [("int8", "rnn"), ("int8", "lstm"), ("int8", "attention"),
-                                             ("fp16", "lstm"), ("fp16", "attention")])
+@pytest.mark.parametrize("precision, cell", [pytest.param("int8", c, marks=pytest.mark.slow) for c in ("rnn", "lstm")]
+                         + [("int8", "attention"), ("fp16", "lstm"), ("fp16", "attention")])
 def test_lowered_bundle_keeps_the_io_and_validates_with_agreement(lowered, fp32, images, precision, cell):
     bundle = lowered(precision, cell)
     manifest = load_manifest(bundle)
