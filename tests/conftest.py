@@ -10,7 +10,13 @@
     The bundle that `captool.export.export_bundle` writes from `tiny_checkpoint(cell)` (validated,
     parity report in its manifest). An export takes ~10 s of CPU, hence one per cell per session.
 
-Both are session-scoped factories, cached per cell. Treat the directories as read-only: copy one
+`synth_data(train, val, seed) -> Path`
+    A `captool synth` dataset folder, made once per session for each (train, val, seed).
+`backbone_file -> Path`
+    A local MobileNetV2 state dict (random, width 0.25, torch seed 0): a frozen backbone without
+    ImageNet weights, for `captool train --backbone FILE`.
+
+All are session-scoped and cached. Treat the directories as read-only: copy one
 (`shutil.copytree`) before tampering with it. They need torch (and onnx for bundles); a test module
 that uses them should start with `pytest.importorskip("torch")` so a torch-free run skips it.
 """
@@ -87,3 +93,35 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
         return cache[cell]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Callable[[int, int, int], Path]:
+    """Factory: (train, val, seed) -> a `captool synth` dataset folder (cached for the session)."""
+    cache: dict[tuple[int, int, int], Path] = {}
+
+    def make(train: int, val: int, seed: int) -> Path:
+        if (train, val, seed) not in cache:
+            from typer.testing import CliRunner
+
+            from captool.cli import app
+
+            out = tmp_path_factory.mktemp("synth") / "data"
+            result = CliRunner().invoke(app, ["synth", str(out), "--train", str(train), "--val", str(val),
+                                              "--seed", str(seed)])
+            assert result.exit_code == 0, result.output
+            cache[train, val, seed] = out
+        return cache[train, val, seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def backbone_file(tmp_path_factory) -> Path:
+    """A local MobileNetV2 state dict (random, width 0.25): a frozen backbone without ImageNet weights."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "mobilenet_v2_w025.pth"
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), path)
+    return path

@@ -97,21 +97,8 @@ files.swap_into_place(tmp, out)
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synth"
-    result = CliRunner().invoke(app, ["synth", str(out), "--train", "6", "--val", "2", "--seed", "5"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("backbone") / "mobilenet_v2_w025.pth"
-    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), path)
-    return path
+def synth_dir(synth_data) -> Path:
+    return synth_data(6, 2, 5)
 
 
 def config(synth_dir, backbone_file, out, epochs) -> TrainConfig:

@@ -23,21 +23,8 @@ TINY = ["--hidden-dim", "16", "--wordvec-dim", "16", "--backbone-width", "0.25",
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("captool.datasets.synth")
-    out = tmp_path_factory.mktemp("data") / "synth"
-    result = CliRunner().invoke(app, ["synth", str(out), "--train", "8", "--val", "2", "--seed", "3"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory) -> Path:
-    """A local MobileNetV2 state dict (random, width 0.25): a frozen backbone without ImageNet weights."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("backbone") / "mobilenet_v2_w025.pth"
-    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), path)
-    return path
+def synth_dir(synth_data) -> Path:
+    return synth_data(8, 2, 3)
 
 
 def tiny(data, out, **changes) -> TrainConfig:

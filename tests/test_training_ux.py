@@ -10,9 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from captool.cli import app
 from captool.progress import Progress, duration, phase
 
 TINY = ["--backbone", "none", "--backbone-width", "0.25", "--hidden-dim", "16", "--wordvec-dim", "16",
@@ -74,12 +72,9 @@ def test_progress_without_a_total_and_quiet_modes():
 
 
 @pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory) -> Path:
+def synth_dir(synth_data) -> Path:
     pytest.importorskip("torch")
-    out = tmp_path_factory.mktemp("data") / "synth"
-    result = CliRunner().invoke(app, ["synth", str(out), "--train", "32", "--val", "8", "--seed", "2"])
-    assert result.exit_code == 0, result.output
-    return out
+    return synth_data(32, 8, 2)
 
 
 def captool(*args, timeout=300) -> subprocess.CompletedProcess:
