@@ -162,10 +162,15 @@ def _decode(file, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error either way.
-            # (catch_warnings swaps a process-wide filter list: fine for captool's one loader thread.)
+            # catch_warnings swaps one process-wide filter list, so with several threads decoding
+            # (Captioner.caption from a thread pool) the filter may be gone while this thread opens:
+            # the pixel count is checked here as well, from the header.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file, formats=IMAGE_FORMATS) as img:
                 _check_shape(*img.size, name)  # from the header, before any pixel is decoded
+                if Image.MAX_IMAGE_PIXELS and img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS:
+                    raise ImageError(f"{name}: refused as a decompression bomb ({img.size[0]}×{img.size[1]} "
+                                     f"pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS})")
                 img.seek(0)  # animated GIF/PNG/WebP: the first frame
                 img.load()
                 if img.format == "PNG" and img.mode == "I":

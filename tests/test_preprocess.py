@@ -270,3 +270,20 @@ def test_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", refuse)
     with pytest.raises(ImageError, match="locked.png: permission denied"):
         preprocess(p)
+
+
+def test_a_bomb_is_refused_even_when_another_thread_dropped_the_warning_filter(tmp_path, monkeypatch):
+    """catch_warnings is process-wide: a thread may open an image while another thread's exit has put
+    back a filter list without 'error'. The pixel count read from the header refuses the bomb anyway."""
+    import warnings
+
+    import captool.preprocess as preprocess_module
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # a 300×300 image is a bomb under this limit
+    monkeypatch.setattr(preprocess_module.warnings, "simplefilter", lambda *a, **k: None)  # the lost filter
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match="bomb.png: refused as a decompression bomb .*300×300 pixels"):
+            preprocess(path)
