@@ -55,8 +55,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         min_agreement: fp16/int8: the share of validation images whose caption must equal PyTorch's
             (default: the precision's, validate.TOLERANCES).
         atol, rounding_factor: the fp32 graphs' bound, per row of each output: max |bundle - torch| <=
-            atol + rounding_factor x PyTorch's own float32 error on that row (default 0 and 8; x 4
-            for the step graphs, validate.STEP_DEPTH).
+            atol + rounding_factor x float32's error on that row, PyTorch's own or the sampled spread
+            where larger (default 0 and 8; x 4 for the step graphs, validate.STEP_DEPTH).
         rel_err: fp16/int8: the bound on each output's ||bundle - torch|| / ||torch||.
     """
     if precision not in PRECISIONS:

@@ -1,9 +1,13 @@
 """Proving a bundle equal to its PyTorch model: every output within float32 rounding, then tokens, exactly.
 
 fp32: each row of each output may differ from PyTorch by at most ROUNDING_FACTOR times the rounding
-error PyTorch's own float32 computation makes on that row, measured against the same model run in
-float64 (docs/export.md has the measurements). That figure carries the output's scale, the fan-in of
-every product that fed it and the error carried across steps, so one rule fits tiny and large models.
+error float32 makes on that row, measured against the same model run in float64 (docs/export.md has
+the measurements): PyTorch's own float32 error, or, where larger, the spread of ROUNDING_SAMPLES runs
+of the float64 model with every arithmetic result rounded at random to float32's precision. The first
+carries the output's scale, the fan-in of every product that fed it and the error carried across
+steps; the second, how much the model amplifies rounding (a nearly hard attention softmax, a state
+that drifts apart over steps), which one float32 run may by chance not show. One rule fits tiny and
+large models.
 fp16 and int8 bundles are held to the relative error their precision allows and, instead of token
 identity, to caption agreement: the share of real images whose greedy caption equals PyTorch's.
 
@@ -23,17 +27,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from captool.bundle import STATE_FROM_ENCODER, STATE_FROM_STEP
 from captool.decode import greedy
 from captool.errors import CaptoolError
 from captool.preprocess import IMAGE_EXTENSIONS, preprocess
 
-ROUNDING_FACTOR = 8.0  # fp32: bundle vs PyTorch within this many times PyTorch's own float32 rounding (per row)
+ROUNDING_FACTOR = 8.0  # fp32: bundle vs PyTorch within this many times float32's rounding on the row
 STEP_DEPTH = 4.0  # ... times this for the step graphs: their state errors are carried along the trajectory
 STEP_GRAPHS = ("decoder_step", "decoder_step_cached")
 ATOL = 0.0  # fp32: absolute slack added to every row's bound (the rule is relative to scale alone by default)
 UNIT_ROUNDOFF = 2.0 ** -24  # float32: even a correctly rounded result is off by up to this share of its value
+ROUNDING_SAMPLES = 4  # float64 runs with float32-sized random rounding: how much the model amplifies rounding
 TIE_GAP = 1e-5  # PyTorch's top two logits closer than this (or than twice the row's fp32 logits bound): a near-tie
 BATCH_SIZES = (1, 3, 17)  # other than the trace batch (2), to prove the batch axis dynamic
 IMAGE_CHUNK = 32  # user images are validated in batches of this many
@@ -45,7 +51,8 @@ class Tolerance:
 
     fp32: in every row of every output (at every step), max |bundle - torch| at most
     `atol` + `rounding_factor` * e (the step graphs: STEP_DEPTH times that), e being PyTorch's own
-    float32 error scaled to the row (`_diff`); every greedy sequence identical (near-ties aside).
+    float32 error scaled to the row, or the sampled spread where larger (`_diff`); every greedy
+    sequence identical (near-ties aside).
     fp16/int8: each output's relative error ||bundle - torch|| / ||torch|| (over the batch, at each
     step) at most `rel_err`, and at least `min_agreement` of the (real) images captioned exactly as
     PyTorch captions them. Elementwise bounds suit quantization badly: int8 may flip a few of 512
@@ -59,8 +66,8 @@ class Tolerance:
 
     def describe(self) -> str:
         if self.rounding_factor is not None:
-            return (f"per row: max |diff| <= {self.atol:g} + {self.rounding_factor:g} x PyTorch's own float32 "
-                    f"rounding (vs float64), x {STEP_DEPTH:g} for the step graphs")
+            return (f"per row: max |diff| <= {self.atol:g} + {self.rounding_factor:g} x float32's rounding there "
+                    f"(PyTorch's own vs float64, or the sampled spread where larger), x {STEP_DEPTH:g} for the step graphs")
         return f"||diff||/||torch|| <= {self.rel_err:g} per output"
 
 
@@ -107,7 +114,8 @@ class OutputDiff:
     max_rel: float  # per row: max |bundle - torch| / max |torch|, the worst row
     rel_err: float = 0.0  # ||bundle - torch|| / ||torch|| over the batch (worst step for the decoder step)
     bound: float = 0.0  # the bound's share used, <= 1 to pass (fp32: worst row; fp16/int8: rel_err / its bound)
-    rounding: float = 0.0  # fp32, on the worst row: PyTorch's own float32 error, max |torch - float64 torch|
+    rounding: float = 0.0  # fp32, on the worst row: float32's error there, max |torch - float64 torch| or the sampled spread
+    sampled: bool = False  # fp32, on the worst row: `rounding` is the randomly rounded runs' spread (the model amplifies it)
     limit: float = 0.0  # fp32, on the worst row: the bound itself, atol + factor * rounding
     factor: float = 0.0  # fp32: the multiple of `rounding` allowed (rounding_factor, x STEP_DEPTH for a step)
 
@@ -177,8 +185,9 @@ class ParityReport:
             d, n = max(failing, key=lambda dn: math.inf if math.isnan(dn[0].bound) else dn[0].bound)
             where = f"{d.graph} {d.output} (N={n})"
             if self.rounding_factor is not None:
+                source = "the sampled float32 rounding spread" if d.sampled else "PyTorch's own float32 error"
                 return (f"{where}: a row's max |diff| {d.bound * d.limit:.3g} is {d.bound:.3g} x its bound "
-                        f"{d.limit:.3g} (= {self.atol:g} + {d.factor:g} x PyTorch's own float32 error "
+                        f"{d.limit:.3g} (= {self.atol:g} + {d.factor:g} x {source} "
                         f"{d.rounding:.3g}); --rounding-factor or --atol set the bound")
             return (f"{where}: ||diff||/||torch|| {d.rel_err:.3g} is above the {self.precision} bound "
                     f"{self.rel_err:g}; --rel-err sets the bound")
@@ -244,9 +253,11 @@ class ParityReport:
                   f"{'of bound':>9}  {'worst N':>7}  result"]
         for d, n in self.worst():
             verdict = "ok" if self.within(d) else "FAIL"
-            rounding = f"{d.rounding:.2e}" if self.rounding_factor is not None else "-"
+            rounding = f"{d.rounding:.2e}{'*' if d.sampled else ''}" if self.rounding_factor is not None else "-"
             lines.append(f"{d.graph:<20}{d.output:<17}{d.max_abs:>10.2e}{d.max_rel:>10.2e}{d.rel_err:>10.2e}"
                          f"{rounding:>10}{d.bound:>9.2f}  {n:>7}  {verdict}")
+        if any(d.sampled for d, _ in self.worst()):
+            lines.append("* the model amplifies rounding there: the randomly rounded float64 runs' spread set the bound")
         lines.append(f"{'images':<22}{'step':<20}{'N':>4}{'steps':>7}{'equal':>7}{'near-tie':>10}{'differ':>8}")
         for b in self.batches:
             source = b.source if len(b.source) <= 21 else "…" + b.source[-20:]
@@ -285,7 +296,7 @@ def _finite(x):
 
 
 def _diff(graph: str, name: str, got: np.ndarray, ref: np.ndarray, exact: Optional[np.ndarray] = None,
-          tolerance: Tolerance = TOLERANCES["fp32"]) -> OutputDiff:
+          tolerance: Tolerance = TOLERANCES["fp32"], spread: Optional[np.ndarray] = None) -> OutputDiff:
     """One output of one call: bundle `got` against PyTorch `ref`, judged per row (axis 0 is the batch).
 
     fp32 (`exact`: the same output of the float64 model): each row's max |got - ref| against
@@ -293,6 +304,8 @@ def _diff(graph: str, name: str, got: np.ndarray, ref: np.ndarray, exact: Option
     error relative to scale, max |ref - exact| / max |exact|, at its worst over the batch (at least
     2^-24: a correctly rounded result is that close). Pooling rho over the batch keeps a row whose
     PyTorch error happens to be small from setting a bound float32 cannot promise (docs/export.md).
+    `spread` (N,): per row, how far the randomly rounded float64 runs strayed from `exact`; where it is
+    larger than rho's figure it is the row's e.
     fp16/int8: rel_err / its bound.
     """
     if got.shape != ref.shape:
@@ -306,18 +319,20 @@ def _diff(graph: str, name: str, got: np.ndarray, ref: np.ndarray, exact: Option
     rel_err = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
     row_delta, row_scale = delta.max(axis=1), scale.max(axis=1)  # (N,)
     d = OutputDiff(graph, name, float(delta.max()), _worst(_ratio(row_delta, row_scale)), rel_err)
-    limits = row_limits(graph, ref, exact, tolerance)
+    limits = row_limits(graph, ref, exact, tolerance, spread)
     if limits is not None:
         d.factor, rounding, limit = limits
         ratio = _ratio(row_delta, limit)
         i = int(np.argmax(np.nan_to_num(ratio, nan=math.inf)))
         d.bound, d.rounding, d.limit = float(ratio[i]), float(rounding[i]), float(limit[i])
+        d.sampled = spread is not None and bool(spread[i] >= rounding[i] > 0)
     elif tolerance.rel_err is not None:
         d.bound = rel_err / tolerance.rel_err
     return d
 
 
-def row_limits(graph: str, ref: np.ndarray, exact: Optional[np.ndarray], tolerance: Tolerance):
+def row_limits(graph: str, ref: np.ndarray, exact: Optional[np.ndarray], tolerance: Tolerance,
+               spread: Optional[np.ndarray] = None):
     """fp32's per-row bound on max |bundle - torch| for one output: (factor, rounding (N,), limit (N,)),
     or None where the bound is not per row (no float64 twin, or a relative-error tolerance)."""
     if exact is None or tolerance.rounding_factor is None:
@@ -328,6 +343,8 @@ def row_limits(graph: str, ref: np.ndarray, exact: Optional[np.ndarray], toleran
     own = np.abs(ref.astype(np.float64).reshape(rows, -1) - exact).max(axis=1)  # (N,)
     rho = max(_worst(_ratio(own, exact_scale)), UNIT_ROUNDOFF)  # PyTorch's relative float32 error
     rounding = rho * exact_scale  # (N,)
+    if spread is not None:
+        rounding = np.maximum(rounding, spread)  # the model amplifies rounding on these rows
     factor = tolerance.rounding_factor * (STEP_DEPTH if graph in STEP_GRAPHS else 1.0)
     return factor, rounding, tolerance.atol + factor * rounding
 
@@ -353,7 +370,7 @@ def _fold(acc: OutputDiff, d: OutputDiff) -> None:
     """Fold another call's difference of the same output into `acc`: the worst of each figure, and the
     rounding and bound of the call whose share of the bound is the worst."""
     if not (d.bound <= acc.bound) and not math.isnan(acc.bound):
-        acc.rounding, acc.limit, acc.factor = d.rounding, d.limit, d.factor
+        acc.rounding, acc.limit, acc.factor, acc.sampled = d.rounding, d.limit, d.factor, d.sampled
     acc.max_abs, acc.max_rel = _worse(acc.max_abs, d.max_abs), _worse(acc.max_rel, d.max_rel)
     acc.rel_err, acc.bound = _worse(acc.rel_err, d.rel_err), _worse(acc.bound, d.bound)
 
@@ -363,12 +380,90 @@ def float64_twin(model):
     return copy.deepcopy(model).to(dtype=torch.float64).eval()
 
 
+# What RandomRounding rounds: torch functions whose result is computed, not copied or selected. Shape
+# changes, lookups, clamps and casts from integers are exact in float32 too, and are left alone.
+ARITHMETIC = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "neg", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__",
+    "__rmul__", "__truediv__", "__rtruediv__", "__matmul__", "__rmatmul__", "matmul", "mm", "bmm", "addmm",
+    "baddbmm", "einsum", "linear", "conv1d", "conv2d", "batch_norm", "layer_norm", "group_norm", "mean", "sum",
+    "softmax", "log_softmax", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "pow", "__pow__", "hardswish",
+    "silu", "gelu", "scaled_dot_product_attention", "addcmul", "lerp"})
+
+
+class RandomRounding(TorchFunctionMode):
+    """Every arithmetic result off by a random share of up to 2^-24 of itself, as one float32 rounding may
+    leave it: a float64 model run under this mode is one sample of what float32 could have computed
+    (Monte Carlo arithmetic). Run under it several times, the spread of an output against the plain
+    float64 run shows how much the model amplifies rounding there. Seeded: a report is reproducible.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))  # this mode is off inside its own __torch_function__
+        if (getattr(func, "__name__", "") in ARITHMETIC and isinstance(out, torch.Tensor)
+                and out.dtype == torch.float64 and out.numel()):
+            noise = torch.empty_like(out).uniform_(-UNIT_ROUNDOFF, UNIT_ROUNDOFF, generator=self.generator)
+            out = out.addcmul_(out, noise)  # out (1 + noise), in place: `out` is this call's own new tensor
+        return out
+
+
+def _trajectory(model, features: torch.Tensor, tokens: Sequence[np.ndarray], cached: bool):
+    """The model's outputs from the backbone's `features` along the bundle's tokens, from its own state:
+    [(graph, {name: tensor})], the encoder's, the attention cache's (`cached`), then one per step ("step")."""
+    encoded = model.encode_features(features)  # model.encode(images) is this on extract_features(images)
+    calls = [("encoder", encoded)]
+    if cached:
+        calls.append(("attention_cache", model.attention_cache(encoded["features"])))
+    state = {STATE_FROM_ENCODER[k]: v for k, v in encoded.items()}
+    for token in tokens:
+        out = model.step(torch.from_numpy(token), **state)
+        calls.append(("step", out))
+        state.update({STATE_FROM_STEP[k]: v for k, v in out.items() if k in STATE_FROM_STEP})
+    return calls
+
+
+def _rounded_runs(exact, features: torch.Tensor, exact_features: torch.Tensor, tokens, cached: bool,
+                  samples: int) -> list:
+    """`samples` trajectories of the float64 twin under RandomRounding, each from the backbone's float64
+    features moved by PyTorch's own float32 error on them, every element's sign drawn at random.
+
+    The backbone is not rerun: it is a feed-forward stack whose error PyTorch's own figure already
+    carries, and rerunning it under RandomRounding took 3x the float64 model's time. What the runs
+    measure is how the head (projection, attention, the steps) amplifies errors of that size.
+    """
+    error = features.double() - exact_features  # PyTorch's float32 backbone error, element by element
+    runs = []
+    for k in range(samples):
+        mode = RandomRounding(seed=k)
+        sign = torch.randint(0, 2, error.shape, generator=mode.generator, dtype=torch.float64) * 2 - 1
+        with mode:
+            runs.append(_trajectory(exact, exact_features + sign * error, tokens, cached))
+    return runs
+
+
+def _spreads(exact_calls, sample_runs) -> list[dict[str, np.ndarray]]:
+    """Per call and output, per row (N,): max over the sampled runs of max |sample - exact|."""
+    spreads = []
+    for i, (_, outputs) in enumerate(exact_calls):
+        per_output = {}
+        for name, value in outputs.items():
+            rows = value.shape[0]
+            exact = value.numpy().reshape(rows, -1)
+            per_output[name] = np.max([np.abs(run[i][1][name].numpy().reshape(rows, -1) - exact).max(axis=1)
+                                       for run in sample_runs], axis=0) if value.numel() else np.zeros(rows)
+        spreads.append(per_output)
+    return spreads
+
+
 def compare_batch(captioner, model, images: np.ndarray, source: str, *, exact=None,
-                  tolerance: Tolerance = TOLERANCES["fp32"]) -> BatchResult:
+                  tolerance: Tolerance = TOLERANCES["fp32"], samples: int = ROUNDING_SAMPLES) -> BatchResult:
     """Run uint8 images (N, 3, S, S) through the bundle's greedy decoder and through PyTorch.
 
     fp32 (`tolerance.rounding_factor` set): `exact`, the model's float64 twin (made here if not given),
-    follows the same tokens too and sets each row's bound.
+    follows the same tokens too, plain and `samples` times under RandomRounding, and sets each row's bound.
     """
     vocab, max_length = captioner.vocab, captioner.manifest.max_length
     step_graph = getattr(captioner, "step_graph", "decoder_step")
@@ -389,44 +484,45 @@ def compare_batch(captioner, model, images: np.ndarray, source: str, *, exact=No
                     null_id=vocab.null_id, max_length=max_length)  # (N, L)
     generate_equal = np.array_equal(captioner.generate(images), tokens)
 
-    def judge(graph: str, name: str, got: np.ndarray, ref, ref64) -> OutputDiff:
-        return _diff(graph, name, got, ref.numpy(), None if ref64 is None else ref64.numpy(), tolerance)
+    # PyTorch, its float64 twin and the twin's randomly rounded runs follow the bundle's tokens, each from
+    # its own state: the state carried across steps is compared as well.
+    cached = "attention_keys" in encoded  # the attention cache in use: its outputs, then its step's
+    step_tokens = [token for token, _ in records]
+    got_calls = [encoded] + ([encoded] if cached else []) + [got for _, got in records]
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        features = model.extract_features(x)
+        ref_calls = _trajectory(model, features, step_tokens, cached)
+        ref_tokens = model.sample(None, max_length=max_length, features=features).numpy()  # (N, L)
+        if exact is not None:
+            exact_features = exact.extract_features(x)
+            exact_calls = _trajectory(exact, exact_features, step_tokens, cached)
+            runs = _rounded_runs(exact, features, exact_features, step_tokens, cached, samples)
+            spreads = _spreads(exact_calls, runs) if runs else [None] * len(exact_calls)
 
     diffs: list[OutputDiff] = []
     step_diffs: dict[str, OutputDiff] = {}
     ref_logits = []
     tie_gaps = []  # (N,) per step: a top-2 gap within this is a near-tie (twice the row's logits bound)
-    with torch.no_grad():
-        x = torch.from_numpy(images)
-        ref_encoded = model.encode(x)
-        exact_encoded = exact.encode(x) if exact is not None else {}
-        for name, value in ref_encoded.items():
-            diffs.append(judge("encoder", name, encoded[name], value, exact_encoded.get(name)))
-        if "attention_keys" in encoded:  # the attention cache in use: its outputs, then its step's
-            exact_cache = exact.attention_cache(exact_encoded["features"]) if exact is not None else {}
-            for name, value in model.attention_cache(ref_encoded["features"]).items():
-                diffs.append(judge("attention_cache", name, encoded[name], value, exact_cache.get(name)))
-        # PyTorch (and its float64 twin) follow the bundle's tokens from their own state: the carried
-        # state is compared as well.
-        state = {STATE_FROM_ENCODER[k]: v for k, v in ref_encoded.items()}
-        exact_state = {STATE_FROM_ENCODER[k]: v for k, v in exact_encoded.items()}
-        for token, got in records:
-            t = torch.from_numpy(token)
-            ref = model.step(t, **state)
-            ref64 = exact.step(t, **exact_state) if exact is not None else {}
-            for name, value in ref.items():
-                d = judge(step_graph, name, got[name], value, ref64.get(name))
-                if name in step_diffs:
-                    _fold(step_diffs[name], d)
-                else:
-                    step_diffs[name] = d
-            ref_logits.append(ref["logits"].numpy())  # (N, V)
-            limits = row_limits(step_graph, ref["logits"].numpy(), None if "logits" not in ref64 else
-                                ref64["logits"].numpy(), tolerance)
+    for i, ((graph, ref), got) in enumerate(zip(ref_calls, got_calls)):
+        graph = step_graph if graph == "step" else graph
+        for name, value in ref.items():
+            ref64 = None if exact is None else exact_calls[i][1][name].numpy()
+            spread = None if exact is None or spreads[i] is None else spreads[i][name]
+            d = _diff(graph, name, got[name], value.numpy(), ref64, tolerance, spread)
+            if graph != step_graph:
+                diffs.append(d)
+            elif name in step_diffs:
+                _fold(step_diffs[name], d)
+            else:
+                step_diffs[name] = d
+        if graph == step_graph:
+            logits = ref["logits"].numpy()  # (N, V)
+            ref_logits.append(logits)
+            limits = None if exact is None else row_limits(
+                step_graph, logits, exact_calls[i][1]["logits"].numpy(), tolerance,
+                None if spreads[i] is None else spreads[i]["logits"])
             tie_gaps.append(np.full(len(images), TIE_GAP) if limits is None else np.maximum(TIE_GAP, 2 * limits[2]))
-            state.update({STATE_FROM_STEP[k]: v for k, v in ref.items() if k in STATE_FROM_STEP})
-            exact_state.update({STATE_FROM_STEP[k]: v for k, v in ref64.items() if k in STATE_FROM_STEP})
-        ref_tokens = model.sample(x, max_length=max_length).numpy()  # (N, L)
     diffs.extend(step_diffs.values())
 
     result = BatchResult(source=source, batch_size=len(images), steps=len(records), diffs=diffs, equal=0,

@@ -203,8 +203,8 @@ def train_command(
 
 
 # The parity bounds export and verify share (docs/export.md, "How equal is equal").
-_ROUNDING_HELP = ("fp32 graphs: each row of each output may differ from PyTorch by this many times PyTorch's own "
-                  "float32 rounding error on that row (measured against float64) [default: 16].")
+_ROUNDING_HELP = ("fp32 graphs: each row of each output may differ from PyTorch by this many times float32's "
+                  "rounding error on that row, measured against float64 (x 4 for the step graphs) [default: 8].")
 _ATOL_HELP = "fp32 graphs: absolute slack added to every row's bound [default: 0]."
 _REL_ERR_HELP = "fp16/int8: the bound on each output's ||bundle - torch|| / ||torch|| [default: 0.02 fp16, 0.25 int8]."
 
