@@ -48,6 +48,8 @@ POSITION_PHRASE = {
 _SPLITS = {"train": 0, "val": 1}  # spawn keys: the two splits never share a scene draw
 _MARGIN = 2  # pixels kept free at the image border
 _SUPERSAMPLE = 4  # shapes are drawn at 4× and box-filtered down: cheap antialiasing
+PHOTO_QUALITY = 90  # --photo files: JPEG quality, a camera's usual setting
+MAX_PHOTO_SIDE = 8192
 _DUPLICATE_P = 0.15  # chance that an object copies another's colour and shape, so counts occur
 
 Progress = Callable[[str, int, int], None]
@@ -100,26 +102,36 @@ def _outline(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
     return [(x + float(rr * np.cos(t)), y - float(rr * np.sin(t))) for rr, t in zip(radii, angles)]
 
 
-def draw_scene(scene: dict, rng: np.random.Generator) -> Image.Image:
-    """The scene as a 112×112 RGB image: grey background with a faint smooth texture."""
-    s = _SUPERSAMPLE
+def draw_scene(scene: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """The scene as a size×size RGB image (112 in the datasets): grey background with a faint smooth
+    texture. Larger sizes draw the same scene with finer edges (fewer supersamples: ~448 px each way)."""
+    s = _SUPERSAMPLE if size == IMAGE_SIZE else max(1, round(_SUPERSAMPLE * IMAGE_SIZE / size))
+    k = size / IMAGE_SIZE  # scene coordinates are in 112-pixel units
     grey = scene["background"]
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), (grey, grey, grey))
+    canvas = Image.new("RGB", (size * s, size * s), (grey, grey, grey))
     pen = ImageDraw.Draw(canvas)
     for obj in scene["objects"]:
         shade = np.array(COLOURS[obj["colour"]]) + rng.integers(-12, 13, size=3)
         fill = tuple(int(v) for v in np.clip(shade, 0, 255))
-        x, y, r = obj["x"] * s, obj["y"] * s, obj["radius"] * s
+        x, y, r = obj["x"] * s * k, obj["y"] * s * k, obj["radius"] * s * k
         if obj["shape"] == "circle":
             pen.ellipse([x - r, y - r, x + r, y + r], fill=fill)
         else:
             pen.polygon(_outline(obj["shape"], x, y, r), fill=fill)
-    pixels = np.asarray(canvas.reduce(s), dtype=np.int16)  # (112, 112, 3)
+    pixels = np.asarray(canvas.reduce(s), dtype=np.int16)  # (size, size, 3)
     coarse = rng.normal(0.0, 6.0, size=(4, 4)).astype(np.float32)
-    texture = np.asarray(Image.fromarray(coarse, mode="F").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                                  Image.BICUBIC))  # (112, 112)
+    texture = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))  # (size, size)
     pixels = pixels + np.rint(texture).astype(np.int16)[:, :, None]
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def draw_photo(scene: dict, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """The scene as a width×height photo: drawn as a square of the shorter side, centred on its
+    background, so captool's centre crop sees the scene whole and a 112-pixel crop matches the dataset's."""
+    side = min(width, height)
+    canvas = Image.new("RGB", (width, height), (scene["background"],) * 3)
+    canvas.paste(draw_scene(scene, rng, side), ((width - side) // 2, (height - side) // 2))
+    return canvas
 
 
 def _article(word: str) -> str:
@@ -176,28 +188,37 @@ def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(entropy))
 
 
-def generate(seed: int, split: str, count: int) -> Iterator[tuple[Image.Image, dict, list[str]]]:
-    """(image, scene, captions) for images 0..count-1 of a split; image i depends only on (seed, split, i)."""
+def generate(seed: int, split: str, count: int,
+             photo: Optional[tuple[int, int]] = None) -> Iterator[tuple[Image.Image, dict, list[str]]]:
+    """(image, scene, captions) for images 0..count-1 of a split; image i depends only on (seed, split, i).
+    `photo` (width, height): each scene drawn at that size (draw_photo) instead of 112×112."""
     for i in range(count):
         rng = _image_rng(seed, split, i)
         scene = make_scene(rng)
-        yield draw_scene(scene, rng), scene, captions(scene)
+        image = draw_scene(scene, rng) if photo is None else draw_photo(scene, rng, *photo)
+        yield image, scene, captions(scene)
 
 
-def _write_split(root: Path, split: str, count: int, seed: int, progress: Optional[Progress]) -> list[str]:
+def _write_split(root: Path, split: str, count: int, seed: int, progress: Optional[Progress],
+                 photo: Optional[tuple[int, int]] = None) -> list[str]:
     (root / split).mkdir()
     images, annotations = [], []
-    for i, (image, scene, refs) in enumerate(generate(seed, split, count)):
-        name = f"{i:06d}.png"
-        image.save(root / split / name, format="PNG", compress_level=1)  # no tIME chunk: reproducible
-        images.append({"id": i, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE,
-                       "scene": scene})
+    width, height = photo or (IMAGE_SIZE, IMAGE_SIZE)
+    for i, (image, scene, refs) in enumerate(generate(seed, split, count, photo)):
+        if photo is None:
+            name = f"{i:06d}.png"
+            image.save(root / split / name, format="PNG", compress_level=1)  # no tIME chunk: reproducible
+        else:
+            name = f"{i:06d}.jpg"
+            image.save(root / split / name, format="JPEG", quality=PHOTO_QUALITY)
+        images.append({"id": i, "file_name": name, "width": width, "height": height, "scene": scene})
         annotations.extend({"id": len(annotations) + k, "image_id": i, "caption": c}
                            for k, c in enumerate(refs))
         if progress is not None:
             progress(split, i + 1, count)
     info = {"description": "procedurally generated shape scenes", "generator": GENERATOR,
-            "version": VERSION, "seed": seed, "split": split, "image_size": IMAGE_SIZE}
+            "version": VERSION, "seed": seed, "split": split, "image_size": IMAGE_SIZE,
+            **({"photo": f"{width}x{height}"} if photo else {})}
     doc = {"info": info, "images": images, "annotations": annotations}
     write_json(root / "annotations" / f"captions_{split}.json", doc, indent=None, durable=False)
     return [a["caption"] for a in annotations]
@@ -222,8 +243,12 @@ def _check_target(out: Path) -> None:
                            "overwrite it: choose a new or empty directory, or delete it first")
 
 
-def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Progress] = None) -> str:
+def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Progress] = None,
+                  photo: Optional[tuple[int, int]] = None) -> str:
     """Write OUT/{train,val}/*.png and OUT/annotations/captions_{train,val}.json; return a summary line.
+
+    `photo` (width, height): the scenes drawn at that size and saved as JPEG (quality PHOTO_QUALITY), the
+    size and format of camera files, for measuring decoding (export --jpeg-decode, bench) on known scenes.
 
     The dataset is built in a hidden directory beside `out` and renamed into place when complete, so
     an interrupted run leaves `out` as it was. A previous synth output at `out` is replaced; any other
@@ -235,6 +260,9 @@ def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Pr
                            f"val={val}")
     if seed < 0:
         raise CaptoolError(f"--seed must be a non-negative integer, got {seed}")
+    if photo is not None and not (IMAGE_SIZE <= min(photo) and max(photo) <= MAX_PHOTO_SIDE):
+        raise CaptoolError(f"--photo must be WIDTHxHEIGHT with sides from {IMAGE_SIZE} to {MAX_PHOTO_SIDE}, "
+                           f"got {photo[0]}x{photo[1]}")
     started = time.time()  # what killed runs left: the old dataset put back, temporary directories removed
     restore_aside(out)
     remove_stale(out, "synth-", older_than=started)
@@ -246,8 +274,8 @@ def write_dataset(out, *, train: int, val: int, seed: int, progress: Optional[Pr
     busy = hold(building)  # remove_stale leaves a directory alone while a run holds it
     try:
         (building / "annotations").mkdir()
-        refs = _write_split(building, "train", train, seed, progress)
-        refs += _write_split(building, "val", val, seed, progress)
+        refs = _write_split(building, "train", train, seed, progress, photo)
+        refs += _write_split(building, "val", val, seed, progress, photo)
         swap_into_place(building, out)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)

@@ -19,9 +19,10 @@ import captool
 from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256_file
 from captool.errors import CaptoolError
 from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
-from captool.preprocess import PREPROCESSING, RESIZE_POLICY
+from captool.preprocess import JPEG_DECODES, PREPROCESSING, RESIZE_POLICY
 from captool.progress import phase
 
+from . import jpeg_decode as jpeg_gate
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
                           load_images, recorded_training_data)
 from .graphs import (DEFAULT_OPSET, check_graph, export_attention_cache, export_cached_step, export_decoder_step,
@@ -39,7 +40,9 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
                   calibration_images: int = CALIBRATION_IMAGES,
                   validation_images: int = VALIDATION_IMAGES,
                   min_agreement: Optional[float] = None, atol: Optional[float] = None,
-                  rounding_factor: Optional[float] = None, rel_err: Optional[float] = None) -> ParityReport:
+                  rounding_factor: Optional[float] = None, rel_err: Optional[float] = None,
+                  jpeg_decode: Optional[str] = None,
+                  max_caption_change: float = jpeg_gate.MAX_CAPTION_CHANGE) -> ParityReport:
     """Export `checkpoint` (run dir, model file or a CaptioningRNN) to the bundle directory `out`.
 
     The bundle appears at `out` only if validation passes; otherwise ExportError(report) is raised
@@ -58,6 +61,10 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             atol + rounding_factor x float32's error on that row, PyTorch's own or the sampled spread
             where larger (default 0 and 8; x 4 for the step graphs, validate.STEP_DEPTH).
         rel_err: fp16/int8: the bound on each output's ||bundle - torch|| / ||torch||.
+        jpeg_decode: how the bundle decodes JPEG files (manifest image.jpeg_decode), default the model's
+            own (it was trained on files decoded so). "scaled" needs `images`: held-out photos whose
+            captions under it may differ from the full decode's on at most `max_caption_change` of them
+            (export/jpeg_decode.py; the measurement goes into parity.jpeg_decode).
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision {precision!r} is not available; choose one of {', '.join(PRECISIONS)}")
@@ -70,10 +77,20 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
     if images is not None and precision == "fp32":
         image_files(images)  # a bad --images fails now, not after the export
     model = load_model(checkpoint)
+    decode = model.config.jpeg_decode if jpeg_decode is None else jpeg_decode
+    if decode not in JPEG_DECODES:
+        raise ExportError(f"--jpeg-decode must be one of {', '.join(JPEG_DECODES)}, got {decode!r}")
+    if decode == "scaled":
+        if images is None:
+            raise ExportError("--jpeg-decode scaled is measured on held-out photos before it is accepted: pass "
+                              "--images DIR (e.g. made by `captool synth held --train 0 --val 500 --photo 640x480`)")
+        if not 0.0 <= max_caption_change < 1.0:
+            raise ExportError(f"--max-caption-change must be a share from 0 to below 1, got {max_caption_change}")
+        jpeg_gate.scaled_photos(images, model.config.image_size)  # too few photos: fails now, not after the export
     calibration_set = validation_set = None
     if precision != "fp32":  # read before tracing: a missing folder fails in a second, not after the export
         calibration_set, validation_set = real_images(checkpoint, model.config.image_size, precision, images,
-                                                      calibration, calibration_images, validation_images)
+                                                      calibration, calibration_images, validation_images, decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out)  # .NAME.XXXXXXXX.tmp, held (locked) while this export works in it
     busy = hold(tmp)
@@ -89,7 +106,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             seconds[graph] = round(time.perf_counter() - start, 3)
             info = check_graph(tmp / name, graph, specs[graph])
             graphs[graph] = {**specs[graph], "nodes": info.nodes, "op_types": info.op_types}
-        manifest = build_manifest(model, tmp, graphs, opset=opset, precision="fp32", seconds=seconds)
+        manifest = build_manifest(model, tmp, graphs, opset=opset, precision="fp32", seconds=seconds,
+                                  jpeg_decode=decode)
         write_manifest(tmp, manifest)
 
         start = time.perf_counter()
@@ -106,7 +124,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
             with phase(f"export: converting to {precision}"):
                 quantization = lower_precision(tmp, precision, specs, graphs, calibration_set)
             seconds[precision] = round(time.perf_counter() - start, 3)
-            manifest = build_manifest(model, tmp, graphs, opset=opset, precision=precision, seconds=seconds)
+            manifest = build_manifest(model, tmp, graphs, opset=opset, precision=precision, seconds=seconds,
+                                      jpeg_decode=decode)
             manifest["quantization"] = {**quantization, "validation": validation_set.describe()}
             write_manifest(tmp, manifest)
             start = time.perf_counter()
@@ -121,6 +140,13 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         manifest["parity"] = report.to_json()
         if precision != "fp32":
             manifest["parity"]["fp32_graphs"] = fp32_summary(fp32_report)
+        if decode == "scaled":
+            with phase("export: captions of the held-out photos, full and scaled JPEG decode") as bar:
+                decoding = jpeg_gate.measure(tmp, images, max_caption_change, progress=bar.update)
+            if not decoding.ok:
+                raise ExportError(f"{decoding.line()}: more than --max-caption-change allows; export with "
+                                  f"--jpeg-decode full; no bundle was written to {out}", report=report)
+            manifest["parity"]["jpeg_decode"] = decoding.to_json()
         write_manifest(tmp, manifest)
         replace_dir(tmp, out, overwrite)
     except BaseException:  # Ctrl-C, and SIGTERM in the CLI, too; a kill -9 leaves it to clear_leftovers
@@ -138,22 +164,24 @@ def _tracer(graph: str):
 
 
 def real_images(checkpoint, size: int, precision: str, images, calibration, n_calibration: int,
-                n_validation: int) -> tuple[ImageSet | None, ImageSet]:
-    """The calibration images (int8) and the validation images (fp16, int8) of a quantized export."""
+                n_validation: int, jpeg_decode: str = "full") -> tuple[ImageSet | None, ImageSet]:
+    """The calibration images (int8) and the validation images (fp16, int8) of a quantized export, decoded
+    as the bundle will decode them."""
     calibration_set = None
     if precision == "int8":
         source = calibration_source(calibration, checkpoint)
-        calibration_set = load_images(source, split="train", count=n_calibration, size=size)
+        calibration_set = load_images(source, split="train", count=n_calibration, size=size, jpeg_decode=jpeg_decode)
     if images is not None:
-        return calibration_set, load_images(images, split="val", count=n_validation, size=size, option="--images")
+        return calibration_set, load_images(images, split="val", count=n_validation, size=size, option="--images",
+                                            jpeg_decode=jpeg_decode)
     source = Path(calibration) if calibration is not None else recorded_training_data(checkpoint)
     if source is None:
         raise ExportError(f"{precision} bundles are validated on real images (caption agreement means nothing on "
                           f"noise) and the checkpoint records no training data that exists here; pass --images DIR")
     if has_split(source, "val"):  # held out from calibration
-        return calibration_set, load_images(source, split="val", count=n_validation, size=size)
+        return calibration_set, load_images(source, split="val", count=n_validation, size=size, jpeg_decode=jpeg_decode)
     # A plain folder: its images are all there is (calibration-like; --images gives held-out ones).
-    return calibration_set, load_images(source, split="train", count=n_validation, size=size)
+    return calibration_set, load_images(source, split="train", count=n_validation, size=size, jpeg_decode=jpeg_decode)
 
 
 def lower_precision(tmp: Path, precision: str, specs: dict, graphs: dict, calibration: ImageSet | None) -> dict:
@@ -229,7 +257,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def build_manifest(model, root: Path, graphs: dict, *, opset: int, precision: str,
-                   seconds: Optional[dict[str, float]] = None) -> dict[str, Any]:
+                   seconds: Optional[dict[str, float]] = None, jpeg_decode: str = "full") -> dict[str, Any]:
     """manifest.json (schema 1, docs/bundle-format.md) for the graphs in `root`; parity is filled in later."""
     cfg = model.config
     fe = model.feature_extractor
@@ -245,7 +273,7 @@ def build_manifest(model, root: Path, graphs: dict, *, opset: int, precision: st
         "special_tokens": {"null": 0, "start": 1, "end": 2, "unk": 3},
         "image": {
             "size": cfg.image_size, "channels": "RGB", "dtype": "uint8", "layout": "NCHW", "resize": RESIZE_POLICY,
-            "preprocessing": PREPROCESSING,
+            "preprocessing": PREPROCESSING, "jpeg_decode": jpeg_decode,
             # What the encoder graph does first, written from the module's own constants.
             "normalization": {"scale": 1 / 255, "mean": _floats(fe.mean), "std": _floats(fe.std), "in_graph": True},
         },

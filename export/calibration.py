@@ -71,8 +71,9 @@ def _folder_files(root: Path) -> list[Path]:
     return files
 
 
-def load_images(source: str | Path, *, split: str, count: int, size: int, option: str = "--calibration") -> ImageSet:
-    """`count` images spread over `source`, preprocessed as `captool run` does.
+def load_images(source: str | Path, *, split: str, count: int, size: int, option: str = "--calibration",
+                jpeg_decode: str = "full") -> ImageSet:
+    """`count` images spread over `source`, preprocessed as `captool run` does (JPEGs by `jpeg_decode`).
 
     `source` is a dataset (a `captool synth`/COCO captions directory, a captions JSON, a Karpathy JSON
     or coco.pt), whose `split` is taken, or any folder of image files (searched recursively).
@@ -85,7 +86,7 @@ def load_images(source: str | Path, *, split: str, count: int, size: int, option
     if root.is_dir() and not _is_dataset(root):
         files = _folder_files(root)
         chosen = [files[i] for i in _spread(len(files), count)]
-        return ImageSet(str(root), None, np.stack([_pixels(p, size, option) for p in chosen]))  # (M, 3, S, S)
+        return ImageSet(str(root), None, np.stack([_pixels(p, size, option, jpeg_decode) for p in chosen]))  # (M, 3, S, S)
     try:
         evalset = load_eval_set(root, split)
     except CaptoolError as e:
@@ -96,13 +97,13 @@ def load_images(source: str | Path, *, split: str, count: int, size: int, option
         if images.shape[-1] != size:
             raise ExportError(f"{option} {root}: its images are {images.shape[-1]} px, the model takes {size}")
     else:
-        images = np.stack([_pixels(evalset.images[i], size, option) for i in chosen])
+        images = np.stack([_pixels(evalset.images[i], size, option, jpeg_decode) for i in chosen])
     return ImageSet(str(root), split, images)
 
 
-def _pixels(path: Path, size: int, option: str) -> np.ndarray:
+def _pixels(path: Path, size: int, option: str, jpeg_decode: str = "full") -> np.ndarray:
     try:
-        return preprocess(path, size)  # (3, S, S)
+        return preprocess(path, size, jpeg_decode)  # (3, S, S)
     except CaptoolError as e:
         raise ExportError(f"{option}: {e}") from None
 

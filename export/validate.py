@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from captool.bundle import STATE_FROM_ENCODER, STATE_FROM_STEP
 from captool.decode import greedy
 from captool.errors import CaptoolError
-from captool.preprocess import IMAGE_EXTENSIONS, preprocess
+from captool.preprocess import IMAGE_EXTENSIONS
 
 ROUNDING_FACTOR = 8.0  # fp32: bundle vs PyTorch within this many times float32's rounding on the row
 STEP_DEPTH = 4.0  # ... times this for the step graphs: their state errors are carried along the trajectory
@@ -649,7 +649,7 @@ def verify_bundle(bundle_dir: str | Path, checkpoint, *, images: str | Path | No
             rng = np.random.default_rng(seed)
             batches += [compare(random_images(n, size, rng), "random") for n in batch_sizes]
         for start in range(0, len(files), IMAGE_CHUNK):
-            chunk = np.stack([preprocess(p, size) for p in files[start:start + IMAGE_CHUNK]])  # (n, 3, S, S)
+            chunk = np.stack([decoder.preprocess(p) for p in files[start:start + IMAGE_CHUNK]])  # (n, 3, S, S)
             batches.append(compare(chunk, str(images)))
         if real is not None:
             # Random noise says nothing about a quantized model: its activation ranges come from real images.
@@ -666,10 +666,12 @@ def recorded_validation_images(manifest, images: str | Path | None):
 
     size = manifest.image_size
     if images is not None:
-        return load_images(images, split="val", count=VALIDATION_IMAGES, size=size, option="--images")
+        return load_images(images, split="val", count=VALIDATION_IMAGES, size=size, option="--images",
+                           jpeg_decode=manifest.jpeg_decode)
     entry = (manifest.raw.get("quantization") or {}).get("validation") or {}
     path, split, count = entry.get("path"), entry.get("split") or "val", entry.get("images", VALIDATION_IMAGES)
     if not path or not Path(path).exists():
         raise ExportError(f"{manifest.root} is a {manifest.precision} bundle, validated on real images, and the "
                           f"images it was validated on ({path or 'not recorded'}) are not here; pass --images DIR")
-    return load_images(path, split=split, count=int(count), size=size, option="--images")
+    return load_images(path, split=split, count=int(count), size=size, option="--images",
+                       jpeg_decode=manifest.jpeg_decode)

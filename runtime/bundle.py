@@ -100,6 +100,11 @@ class Manifest:
     raw: dict[str, Any]
 
     @property
+    def jpeg_decode(self) -> str:
+        """How JPEG files are decoded for this bundle (image.jpeg_decode; absent: "full")."""
+        return self.raw["image"].get("jpeg_decode", "full")
+
+    @property
     def encoder_path(self) -> Path:
         return self.root / ENCODER
 

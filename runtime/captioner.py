@@ -212,6 +212,11 @@ class Captioner:
         ids = self.vocab.word_ids(row)
         return Caption(text=" ".join(self.vocab.idx_to_token[i] for i in ids), tokens=ids, path=path)
 
+    def preprocess(self, image: ImageSource):
+        """One image as this bundle's encoder takes it: uint8 (3, S, S), by its manifest's size and
+        JPEG decoding rule (captool.preprocess.preprocess)."""
+        return preprocess(image, self.manifest.image_size, self.manifest.jpeg_decode)
+
     def caption(self, images: Sequence[ImageSource] | ImageSource, beam_size: int = 1,
                 max_length: Optional[int] = None, *, length_penalty: float = 0.0,
                 batch_size: int = 32) -> list[Caption]:
@@ -224,7 +229,7 @@ class Captioner:
         out: list[Caption] = []
         for lo in range(0, len(images), batch_size):
             chunk = images[lo:lo + batch_size]
-            batch = np.stack([preprocess(im, self.manifest.image_size) for im in chunk])  # (n,3,S,S)
+            batch = np.stack([self.preprocess(im) for im in chunk])  # (n,3,S,S)
             tokens = self.generate(batch, beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
             for im, row in zip(chunk, tokens):
                 out.append(self.to_caption(row, str(im) if isinstance(im, (str, Path)) else None))

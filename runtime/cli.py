@@ -99,16 +99,29 @@ def synth(
     train: Annotated[int, typer.Option(help="Number of training images.")] = 2000,
     val: Annotated[int, typer.Option(help="Number of validation images.")] = 200,
     seed: Annotated[int, typer.Option(help="Generator seed; the same seed gives the same files.")] = 0,
+    photo: Annotated[Optional[str], typer.Option(
+        help="Draw each scene as a WIDTHxHEIGHT JPEG photo (e.g. 640x480) instead of a 112-pixel PNG: camera-sized "
+             "files with known captions, for `export --jpeg-decode scaled --images` and for timing.",
+        show_default=False)] = None,
 ) -> None:
     """Write a procedurally generated dataset of shape scenes with reference captions and scene facts."""
     from captool.datasets.synth import write_dataset
+
+    size = None
+    if photo is not None:
+        try:
+            width, height = (int(v) for v in photo.lower().split("x"))
+            size = (width, height)
+        except ValueError:
+            typer.echo(f"captool: --photo must be WIDTHxHEIGHT such as 640x480, got {photo!r}", err=True)
+            raise typer.Exit(code=2) from None
 
     def progress(split: str, done: int, total: int) -> None:
         if total >= 1000 and (done % 1000 == 0 or done == total):
             typer.echo(f"synth: {split} {done}/{total}", err=True)
 
     with errors_to_exit():
-        summary = write_dataset(out, train=train, val=val, seed=seed, progress=progress)
+        summary = write_dataset(out, train=train, val=val, seed=seed, progress=progress, photo=size)
     typer.echo(summary)
 
 
@@ -167,6 +180,9 @@ def train_command(
         help="CPU threads for torch (1 measured fastest on a shared 2-core machine: README).")] = None,
     quality_images: Annotated[Optional[int], typer.Option(
         help="Validation images captioned and scored after each epoch (quality.json); 0: no report.")] = None,
+    jpeg_decode: Annotated[Optional[str], typer.Option(
+        help="JPEG files decoded in full, or 'scaled' (libjpeg's DCT scaling, 2-7x faster on photos: "
+             "docs/bundle-format.md); the model keeps it and its bundle is run with it.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
 ) -> None:
     """Train a captioner: a checkpoint per epoch (and per warm-up epoch) in --out, resumable, a quality report per epoch."""
@@ -226,6 +242,12 @@ def export_command(
     rounding_factor: Annotated[Optional[float], typer.Option(help=_ROUNDING_HELP, show_default=False)] = None,
     atol: Annotated[Optional[float], typer.Option(help=_ATOL_HELP, show_default=False)] = None,
     rel_err: Annotated[Optional[float], typer.Option(help=_REL_ERR_HELP, show_default=False)] = None,
+    jpeg_decode: Annotated[Optional[str], typer.Option(
+        help="How the bundle decodes JPEG files: full, or scaled (libjpeg's DCT scaling; needs --images of held-out "
+             "photos, and is refused if it changes more than --max-caption-change of their captions) "
+             "[default: the model's own, as trained].", show_default=False)] = None,
+    max_caption_change: Annotated[float, typer.Option(
+        help="--jpeg-decode scaled: the largest share of held-out photos whose caption may change.")] = 0.01,
 ) -> None:
     """Export a checkpoint to an ONNX bundle, proven equal to PyTorch to the token (fp16/int8: within their tolerance).
 
@@ -240,7 +262,8 @@ def export_command(
             report = export.export_bundle(run_dir, out, opset=opset, images=images, overwrite=force,
                                           precision=precision, calibration=calibration,
                                           min_agreement=min_agreement, rounding_factor=rounding_factor,
-                                          atol=atol, rel_err=rel_err)
+                                          atol=atol, rel_err=rel_err, jpeg_decode=jpeg_decode,
+                                          max_caption_change=max_caption_change)
         except export.ExportError as e:
             if e.report is None:
                 raise
@@ -249,6 +272,9 @@ def export_command(
         except KeyboardInterrupt:  # the temporary directory is gone already; --out is as it was
             raise fail(f"interrupted; {out} was left as it was", code=130) from None
     typer.echo(report.table())
+    decoding = json.loads((out / "manifest.json").read_text()).get("parity", {}).get("jpeg_decode")
+    if decoding:
+        typer.echo(decoding["summary"])
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.iterdir()) if p.suffix == ".onnx")
     typer.echo(f"export: wrote {out} ({sizes})")
 

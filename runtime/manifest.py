@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import BundleError
-from .preprocess import PREPROCESSING, RESIZE_POLICY
+from .preprocess import JPEG_DECODES, PREPROCESSING, RESIZE_POLICY
 from .vocab import SPECIALS
 
 SCHEMA_VERSION = 1
@@ -206,6 +206,9 @@ def _check_image(f: _Fields, image: dict) -> None:
     f.string(image, "preprocessing", "image.preprocessing", PREPROCESSINGS, required=False,
              fix="the bundle was trained on pixels made another way: run it with the captool that implements "
                  "that version (docs/bundle-format.md, Preprocessing)")
+    f.string(image, "jpeg_decode", "image.jpeg_decode", JPEG_DECODES, required=False,
+             fix="the bundle was proven with JPEG files decoded another way: run it with the captool that "
+                 "implements that rule (docs/bundle-format.md, Preprocessing)")
     norm = f.obj(image, "normalization", "image.normalization")
     f.number(f.get(norm, "scale", "image.normalization.scale"), "image.normalization.scale", 0)
     for key, above in (("mean", None), ("std", 0)):

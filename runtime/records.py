@@ -107,14 +107,15 @@ def records_of(captioner, paths: Sequence[str], images: np.ndarray, readable: Se
     return records
 
 
-def read_source(source: Source, name: str, size: int) -> tuple[Optional[np.ndarray], Optional[str]]:
+def read_source(source: Source, name: str, size: int,
+                jpeg_decode: str = "full") -> tuple[Optional[np.ndarray], Optional[str]]:
     """(uint8 (3, size, size), None) for a readable image, (None, the one-line reason) for any other."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = EncodedImage(bytes(source), name)
     try:
         with warnings.catch_warnings():  # a bomb is an error here too (see run.load_batches)
             warnings.simplefilter("error", DecompressionBombWarning)
-            return preprocess(source, size), None
+            return preprocess(source, size, jpeg_decode), None
     except ImageError as e:
         return None, str(e)
     except Exception as e:  # the last line of defence: no traceback for any input
@@ -140,7 +141,7 @@ def caption_batch(captioner, sources: Sequence[Source], names: Optional[Sequence
     if len(names) != len(sources):
         raise ValueError(f"caption_batch: {len(sources)} sources but {len(names)} names; give one name per source")
     size = captioner.manifest.image_size
-    read = [read_source(s, str(n), size) for s, n in zip(sources, names)]
+    read = [read_source(s, str(n), size, captioner.manifest.jpeg_decode) for s, n in zip(sources, names)]
     readable = [i for i, (a, _) in enumerate(read) if a is not None]
     images = np.stack([read[i][0] for i in readable]) if readable else np.zeros((0, 3, size, size), np.uint8)
     return records_of(captioner, [str(n) for n in names], images, readable, [e for _, e in read],

@@ -43,11 +43,11 @@ class Batch:
     readable: list[int]  # index into items of each row of images
 
 
-def _read(item: Item, size: int) -> tuple[Item, Optional[np.ndarray]]:
+def _read(item: Item, size: int, jpeg_decode: str) -> tuple[Item, Optional[np.ndarray]]:
     if item.error:
         return item, None
     try:
-        return item, preprocess(item.path, size)
+        return item, preprocess(item.path, size, jpeg_decode)
     except ImageError as e:
         return Item(item.path, str(e)), None
     except Exception as e:  # the last line of defence: no traceback for any input
@@ -58,8 +58,9 @@ DECODERS = min(4, os.cpu_count() or 1)  # decode threads per loader: Pillow rele
 
 
 def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int = 2,
-                 decoders: Optional[int] = None) -> Iterator[Batch]:
+                 decoders: Optional[int] = None, jpeg_decode: str = "full") -> Iterator[Batch]:
     """Batches of preprocessed images, in input order, made at most `depth` batches ahead of the consumer.
+    `size` and `jpeg_decode` are the bundle's (manifest image.size, image.jpeg_decode).
 
     A loader thread hands each input to a pool of `decoders` threads (default DECODERS) and collects
     the results in input order. Pillow releases the GIL while it decodes and resizes, so the decodes
@@ -115,7 +116,7 @@ def load_batches(items: Iterable[Item], size: int, batch_size: int, depth: int =
                 for item in items:
                     if stop.is_set():
                         return
-                    pending.append(pool.submit(_read, item, size))
+                    pending.append(pool.submit(_read, item, size, jpeg_decode))
                     # Beyond the queued batches, only the batch being read: submitted + collected <= batch_size.
                     while pending and (len(pending) >= cap or len(pending) + len(chunk) >= batch_size):
                         if not collect():
@@ -151,7 +152,8 @@ def caption_items(captioner, items: Sequence[Item], *, batch_size: int = 32, bea
                   bundle: Optional[str] = None) -> Iterator[Record]:
     """One Record per item, in order, while the loader thread reads the next batch. A batch that
     fails to caption (an onnxruntime error) gives its inputs error records; the others go on."""
-    for batch in load_batches(items, captioner.manifest.image_size, batch_size):
+    for batch in load_batches(items, captioner.manifest.image_size, batch_size,
+                              jpeg_decode=captioner.manifest.jpeg_decode):
         yield from records_of(captioner, [it.path for it in batch.items], batch.images, batch.readable,
                               [it.error for it in batch.items], beam_size=beam_size, max_length=max_length,
                               length_penalty=length_penalty, bundle=bundle)

@@ -200,10 +200,10 @@ def test_loader_stays_a_bounded_number_of_batches_ahead(tmp_path):
     lock = threading.Lock()
     original = run_module._read
 
-    def counting_read(item, size):
+    def counting_read(item, size, jpeg_decode):
         with lock:
             read.append(item.path)
-        return original(item, size)
+        return original(item, size, jpeg_decode)
 
     run_module._read = counting_read
     try:

@@ -604,7 +604,7 @@ class _FailingBatch:
     """A captioner whose `generate` raises (as onnxruntime would) on one batch."""
 
     def __init__(self, fail_on: int):
-        self.manifest = SimpleNamespace(image_size=112)
+        self.manifest = SimpleNamespace(image_size=112, jpeg_decode="full")
         self.fail_on, self.calls = fail_on, 0
 
     def generate(self, images, **kwargs):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from captool.manifest import CELL_TYPES
+from captool.preprocess import JPEG_DECODES
 
 from .errors import TrainingError
 
@@ -55,6 +56,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     threads: int = DEFAULT_THREADS  # torch's intra-op threads, set once by `captool train`
     quality_images: int = 100  # validation images captioned for the report after each epoch (0: none)
+    # How JPEG files are decoded (captool.preprocess, "full" or "scaled"): the model records it, and its
+    # bundle is run with it.
+    jpeg_decode: str = "full"
 
     def __post_init__(self):
         if self.cell not in CELL_TYPES:
@@ -72,6 +76,8 @@ class TrainConfig:
         if not (self.lr > 0 and self.lr_decay > 0 and self.backbone_width > 0):
             raise TrainingError(f"--lr, --lr-decay and --backbone-width must be positive, got "
                                 f"{self.lr}, {self.lr_decay}, {self.backbone_width}")
+        if self.jpeg_decode not in JPEG_DECODES:
+            raise TrainingError(f"--jpeg-decode must be one of {', '.join(JPEG_DECODES)}, got {self.jpeg_decode!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise TrainingError(f"invalid device {self.device!r}; use auto, cpu or cuda")
 

@@ -94,8 +94,9 @@ class CaptionData:
 
 
 def load_data(path, *, images=None, min_count: int = 1, image_size: int = IMAGE_SIZE,
-              report: Report = warn) -> CaptionData:
-    """Read a dataset in any of the three formats; `images` overrides where image files are looked up."""
+              report: Report = warn, jpeg_decode: str = "full") -> CaptionData:
+    """Read a dataset in any of the three formats; `images` overrides where image files are looked up.
+    Image files are decoded by the runtime's preprocess with `jpeg_decode` (the model's rule)."""
     path = Path(path)
     problems: list[str] = []
 
@@ -113,7 +114,7 @@ def load_data(path, *, images=None, min_count: int = 1, image_size: int = IMAGE_
         data = _load_coco_pt(source, image_size, note)
     else:
         fmt, splits = json_splits
-        data = _build(splits, min_count, image_size, note, fmt, path)
+        data = _build(splits, min_count, image_size, note, fmt, path, jpeg_decode)
     data.problems = problems
     return data
 
@@ -229,12 +230,13 @@ def _json_splits(data: Path, source: Path, images: Optional[Path],
     return annotations.format, {"train": annotations.records, "val": val}
 
 
-def _decode(items: list[ImageRecord], size: int, split: str, note: Report) -> tuple[np.ndarray, list[int]]:
+def _decode(items: list[ImageRecord], size: int, split: str, note: Report,
+            jpeg_decode: str = "full") -> tuple[np.ndarray, list[int]]:
     """Every image through the runtime's preprocess, in threads (Pillow releases the GIL while decoding)."""
 
     def one(item: ImageRecord):
         try:
-            return preprocess(item.path, size)
+            return preprocess(item.path, size, jpeg_decode)
         except ImageError as e:
             return str(e)
 
@@ -253,12 +255,13 @@ def _decode(items: list[ImageRecord], size: int, split: str, note: Report) -> tu
     return pixels[: len(kept)], kept
 
 
-def _build(splits: dict, min_count: int, size: int, note: Report, fmt: str, source: Path) -> CaptionData:
+def _build(splits: dict, min_count: int, size: int, note: Report, fmt: str, source: Path,
+           jpeg_decode: str = "full") -> CaptionData:
     decoded = {}
     for name, items in splits.items():
         if not items:
             continue
-        pixels, kept = _decode(items, size, name, note)
+        pixels, kept = _decode(items, size, name, note, jpeg_decode)
         decoded[name] = (pixels, [items[i] for i in kept])
     if "train" not in decoded or not decoded["train"][1]:
         raise DataError(f"{source}: no training image with a caption could be read")

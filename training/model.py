@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from captool.bundle import CELL_TYPES, STATE_FROM_ENCODER, STATE_FROM_STEP
+from captool.preprocess import JPEG_DECODES
 from captool.vocab import Vocab
 
 from .backbone import FeatureExtractor
@@ -36,6 +37,7 @@ class ModelConfig:
     image_size: int = 112
     max_length: int = 15  # sample's default length
     ignore_index: int = 0  # <NULL> padding takes no part in the loss
+    jpeg_decode: str = "full"  # how its JPEG files were decoded (captool.preprocess); its bundle keeps it
 
     def __post_init__(self):
         if self.cell_type not in CELL_TYPES:
@@ -46,6 +48,8 @@ class ModelConfig:
                 raise TrainingError(f"model {name} must be a positive integer, got {value!r}")
         if not self.backbone_width > 0:
             raise TrainingError(f"backbone_width must be positive, got {self.backbone_width!r}")
+        if self.jpeg_decode not in JPEG_DECODES:
+            raise TrainingError(f"model jpeg_decode must be one of {', '.join(JPEG_DECODES)}, got {self.jpeg_decode!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +97,7 @@ class CaptioningRNN(nn.Module):
         image_size: int = 112,
         max_length: int = 15,
         train_backbone: bool = False,
+        jpeg_decode: str = "full",
     ):
         super().__init__()
         self.idx_to_token = _idx_to_token(word_to_idx)
@@ -101,7 +106,7 @@ class CaptioningRNN(nn.Module):
         self.config = ModelConfig(
             cell_type=cell_type, vocab_size=len(vocab), input_dim=input_dim, wordvec_dim=wordvec_dim,
             hidden_dim=hidden_dim, backbone_width=float(backbone_width), image_size=image_size,
-            max_length=max_length, ignore_index=ignore_index,
+            max_length=max_length, ignore_index=ignore_index, jpeg_decode=jpeg_decode,
         )
         attention = cell_type == "attention"
 
@@ -133,7 +138,7 @@ class CaptioningRNN(nn.Module):
             {tok: i for i, tok in enumerate(idx_to_token)}, input_dim=config.input_dim,
             wordvec_dim=config.wordvec_dim, hidden_dim=config.hidden_dim, cell_type=config.cell_type,
             ignore_index=config.ignore_index, backbone_width=config.backbone_width,
-            image_size=config.image_size, max_length=config.max_length, **kwargs,
+            image_size=config.image_size, max_length=config.max_length, jpeg_decode=config.jpeg_decode, **kwargs,
         )
 
     # -- backbone ---------------------------------------------------------------------------------

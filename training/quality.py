@@ -49,7 +49,7 @@ def from_split(split: CaptionSplit, vocab: Vocab, n: int, name: str) -> QualityS
     return QualitySample(name, ids, split.images[ids], {i: references[i] for i in ids})
 
 
-def from_dataset(data: str, images: Optional[str], n: int) -> Optional[QualitySample]:
+def from_dataset(data: str, images: Optional[str], n: int, jpeg_decode: str = "full") -> Optional[QualitySample]:
     """The first n validation images of a COCO-style or Karpathy dataset, with the annotation file's own
     reference texts and scenes; None for the course's coco.pt (its split in memory is used instead)."""
     from captool.datasets import find_dataset
@@ -62,7 +62,7 @@ def from_dataset(data: str, images: Optional[str], n: int) -> Optional[QualitySa
     kept, pixels = [], []
     for image_id, path in zip(evalset.ids, evalset.images):
         try:
-            pixels.append(torch.from_numpy(preprocess(path)))
+            pixels.append(torch.from_numpy(preprocess(path, jpeg_decode=jpeg_decode)))
             kept.append(image_id)
         except Exception:  # an unreadable image was reported when the data was loaded
             continue

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     """Caption one image file with a checkpoint and print the caption."""
     checkpoint, image = argv
     model = load_checkpoint(checkpoint)
-    pixels = torch.from_numpy(preprocess(image, model.config.image_size))[None]  # (1, 3, S, S)
+    pixels = torch.from_numpy(preprocess(image, model.config.image_size, model.config.jpeg_decode))[None]  # (1, 3, S, S)
     with torch.inference_mode():
         ids = model.sample(pixels)[0].tolist()
     print(Vocab(model.idx_to_token).decode(ids))

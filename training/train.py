@@ -155,7 +155,7 @@ class TrainingRun:
         self.history: list[dict] = state["history"] if state else []
 
         data = load_data(config.data, images=config.images, min_count=config.min_count,
-                         report=lambda m: log(f"warning: {m}"))
+                         report=lambda m: log(f"warning: {m}"), jpeg_decode=config.jpeg_decode)
         self.train_split = data.train
         self.val_split: Optional[CaptionSplit] = data.val if data.val is not None and len(data.val) else None
         if config.overfit:  # validating on as many examples keeps the seed's quick run quick
@@ -206,7 +206,7 @@ class TrainingRun:
         if not n:
             return None
         try:
-            sample = quality.from_dataset(self.config.data, self.config.images, n)
+            sample = quality.from_dataset(self.config.data, self.config.images, n, self.config.jpeg_decode)
         except Exception as e:  # the report is a help, never a reason to refuse training
             self.log(f"warning: quality report on the split in memory ({e})")
             sample = None
@@ -229,7 +229,8 @@ class TrainingRun:
         backbone = None if c.backbone.lower() == "none" else c.backbone
         return CaptioningRNN(vocab.token_to_idx, input_dim=input_dim, wordvec_dim=c.wordvec_dim,
                              hidden_dim=c.hidden_dim, cell_type=c.cell, backbone_width=c.backbone_width,
-                             backbone=backbone, device=self.device, train_backbone=c.train_backbone).train()
+                             backbone=backbone, device=self.device, train_backbone=c.train_backbone,
+                             jpeg_decode=c.jpeg_decode).train()
 
     def _restore(self, state: dict) -> None:
         if self.epoch:
