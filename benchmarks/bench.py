@@ -196,8 +196,9 @@ def cold_start(bundle: Path, checkpoint: Optional[Path], image: Path, repeats: i
 # ---- the whole benchmark -------------------------------------------------------------------------
 
 
-def bench_images(count: int, size: int, image_dir: Optional[Path] = None) -> np.ndarray:
-    """uint8 [count,3,S,S]: the first images of `image_dir`, or `captool synth` val scenes (seed 0)."""
+def bench_images(count: int, size: int, image_dir: Optional[Path] = None, jpeg_decode: str = "full") -> np.ndarray:
+    """uint8 [count,3,S,S]: the first images of `image_dir` (JPEGs decoded by the bundle's rule), or
+    `captool synth` val scenes (seed 0)."""
     if count < 1:
         raise CaptoolError(f"--images must be >= 1, got {count}")
     if image_dir is not None:
@@ -209,7 +210,7 @@ def bench_images(count: int, size: int, image_dir: Optional[Path] = None) -> np.
             raise CaptoolError(f"{image_dir}: cannot list it ({e.strerror or e}); pass a folder of images") from None
         if not files:
             raise CaptoolError(f"{image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        return np.stack([preprocess(p, size) for p in files])
+        return np.stack([preprocess(p, size, jpeg_decode) for p in files])
     from captool.datasets.synth import generate
 
     return np.stack([preprocess(image, size) for image, _, _ in generate(0, "val", count)])  # (N,3,S,S)
@@ -254,7 +255,7 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
 
         against = parse_against(",".join(against))  # unknown names refused before anything is timed
     sampled = [] if rates is not None else [machine_rates()]  # the rates: best of before and after the figures
-    pixels = bench_images(images, runtime.image_size, image_dir)
+    pixels = bench_images(images, runtime.image_size, image_dir, runtime.jpeg_decode)
     batch64 = np.concatenate([pixels] * (64 // len(pixels) + 1))[:64]  # (64,3,S,S), images repeated
     counts = {name: repeats for name in ("caption_b1", "encoder_b1", "step_b1", "step_b64")}
     counts.update(caption_b8=max(3, repeats // 5), caption_b64=max(3, repeats // 5))

@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 
 from captool.errors import CaptoolError
-from captool.preprocess import preprocess
 
 PHOTOS_VERSION = 1  # bump when the generator changes: the cache is keyed by it
 
@@ -110,15 +109,14 @@ def pipeline(captioner, *, counts: Optional[dict[str, int]] = None, batch_size: 
     times (best of each side: the quietest moment of a shared machine), and the preprocessing share."""
     if repeats < 1:
         raise CaptoolError(f"pipeline repeats must be >= 1, got {repeats}")
-    size = captioner.manifest.image_size
-    out = {"batch_size": batch_size, "repeats": repeats, "kinds": {}}
+    out = {"batch_size": batch_size, "repeats": repeats, "jpeg_decode": captioner.manifest.jpeg_decode, "kinds": {}}
     for name, count in (counts or DEFAULT_COUNTS).items():
         if name not in KINDS:
             raise CaptoolError(f"unknown pipeline image kind {name!r}; the kinds are {', '.join(KINDS)}")
         folder = photo_set(KINDS[name], count, root)
         files = sorted(folder.iterdir())
         started = time.perf_counter()
-        pixels = np.stack([preprocess(f, size) for f in files])  # (N, 3, S, S), one thread
+        pixels = np.stack([captioner.preprocess(f) for f in files])  # (N, 3, S, S), one thread, the bundle's rules
         preprocess_s = (time.perf_counter() - started) / len(files)
         run_model(captioner, pixels[:batch_size], batch_size)  # warm-up: this batch shape's buffers
         times: dict[str, list[float]] = {"pipeline": [], "model": []}
@@ -144,7 +142,7 @@ def pipeline(captioner, *, counts: Optional[dict[str, int]] = None, batch_size: 
 def pipeline_lines(section: dict) -> list[str]:
     """The section as text lines for `captool bench`'s table."""
     lines = [f"pipeline (`captool run` end to end vs the model alone, batch {section['batch_size']}, best of "
-             f"{section['repeats']} interleaved):",
+             f"{section['repeats']} interleaved, JPEG decode {section.get('jpeg_decode', 'full')}):",
              f"{'images':<16}{'n':>5}{'run img/s':>11}{'model img/s':>13}{'run/model':>11}{'preprocess':>14}"
              f"{'share':>7}"]
     for name, k in section["kinds"].items():

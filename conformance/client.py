@@ -5,7 +5,8 @@
 Reads image paths, one per line, from stdin; writes one JSON line per path, in order, to stdout:
 {"path", "sha256"} (the encoder input's bytes, uint8 [3, S, S] C order) plus, when a BUNDLE is
 given, "greedy" and "beam3" (the word ids `captool run --json` prints as "tokens": no <END>); or
-{"path", "error"} for an image the runtime refuses. Another runtime's client does the same.
+{"path", "error"} for an image the runtime refuses. Without a BUNDLE, JPEGs are decoded in full;
+with one, by its manifest's image.jpeg_decode. Another runtime's client does the same.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     for line in sys.stdin:
         path = line.rstrip("\n")
         try:
-            x = preprocess(path, size)  # (3, S, S) uint8
+            x = captioner.preprocess(path) if captioner else preprocess(path, size)  # (3, S, S) uint8
         except ImageError as e:
             print(json.dumps({"path": path, "error": str(e)}), flush=True)
             continue

@@ -5,8 +5,9 @@
 
 Every image is made here, deterministically, from numpy's seeded generator and Pillow's encoders (a
 few PNGs are written byte by byte: 16-bit colour, a lying header). `--vectors` records what captool
-makes of each one (the preprocessed pixels' sha256, the resized size, the shipped bundle's tokens,
-greedy and beam 3); docs/bundle-format.md, "Conformance", says how another runtime is checked.
+makes of each one (the preprocessed pixels' sha256, also under the "scaled" JPEG rule where that
+differs, the resized size, the shipped bundle's tokens on its own rule's pixels, greedy and beam 3);
+docs/bundle-format.md, "Conformance", says how another runtime is checked.
 """
 
 from __future__ import annotations
@@ -201,13 +202,18 @@ def write_vectors(whats: dict[str, str]) -> None:
         w, h = load_image(path).size
         entry.update(upright=[w, h], resized=list(resized_size(w, h)) if (w, h) != (IMAGE_SIZE,) * 2 else [w, h],
                      sha256=pixels_sha256(x))
+        scaled = preprocess(path, IMAGE_SIZE, "scaled")
+        if not np.array_equal(scaled, x):  # a JPEG of at least 2S: the "scaled" rule's pixels as well
+            entry["sha256_scaled"] = pixels_sha256(scaled)
+        bundle_x = captioner.preprocess(path)  # the tokens: the shipped bundle on its own rule's pixels
         for key, beam in (("greedy", 1), ("beam3", 3)):
-            entry[key] = captioner.to_caption(captioner.generate(x[None], beam_size=beam)[0]).tokens
+            entry[key] = captioner.to_caption(captioner.generate(bundle_x[None], beam_size=beam)[0]).tokens
         vectors.append(entry)
     import PIL
 
     doc = {"preprocessing": PREPROCESSING, "image_size": IMAGE_SIZE, "pillow": PIL.__version__, "bundle": "models/shapes-attention",
-           "bundle_encoder_sha256": captioner.manifest.raw["files"]["encoder.onnx"]["sha256"], "vectors": vectors}
+           "bundle_encoder_sha256": captioner.manifest.raw["files"]["encoder.onnx"]["sha256"],
+           "jpeg_decode": captioner.manifest.jpeg_decode, "vectors": vectors}
     VECTORS.write_text(json.dumps(doc, indent=1) + "\n")
 
 

@@ -15,6 +15,15 @@ import numpy as np
 PRECISION_BITS = 22  # fixed-point weights: 1.0 is 2**22
 
 
+def jpeg_scale(width: int, height: int, size: int) -> int:
+    """image.jpeg_decode "scaled": libjpeg decodes at 1/s, s the largest of 8, 4, 2, 1 with 2·s·size <= the
+    shorter stored side (1 when none is); the decoded image is ceil(W/s) × ceil(H/s)."""
+    for s in (8, 4, 2):
+        if 2 * s * size <= min(width, height):
+            return s
+    return 1
+
+
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """The shorter side becomes `size`; each side is round-half-up(side * size / shorter), in integers."""
     m = min(width, height)

@@ -47,6 +47,7 @@ class Sampler:
     max_length: int
     generate: Callable[[np.ndarray], np.ndarray]
     model: Any = None  # the Captioner or the CaptioningRNN, for benchmarks
+    jpeg_decode: str = "full"  # how its JPEG files are decoded (the bundle's or the model's rule)
 
 
 def is_bundle(path: str | Path) -> bool:
@@ -65,7 +66,7 @@ def open_model(path: str | Path, *, beam_size: int = 1, device: str = "auto",
         captioner = Captioner(path, device=device, threads=threads)
         m = captioner.manifest
         return Sampler("bundle", path, captioner.vocab, m.image_size, m.max_length,
-                       lambda images: captioner.generate(images, beam_size=beam_size), captioner)
+                       lambda images: captioner.generate(images, beam_size=beam_size), captioner, m.jpeg_decode)
     if not (path / "model.json").is_file() and path.suffix != ".safetensors":
         raise CaptoolError(f"{path}: neither a bundle (no {MANIFEST}) nor a checkpoint (no model.json); "
                            f"pass a directory written by `captool export` or `captool train`")
@@ -77,7 +78,7 @@ def open_model(path: str | Path, *, beam_size: int = 1, device: str = "auto",
     model = reference.load_reference(path, threads)
     config = model.config
     return Sampler("checkpoint", path, Vocab(list(model.idx_to_token)), config.image_size,
-                   config.max_length, reference.sampler(model), model)
+                   config.max_length, reference.sampler(model), model, config.jpeg_decode)
 
 
 @dataclass
@@ -275,7 +276,8 @@ def caption_set(sampler: Sampler, evalset: EvalSet, batch_size: int = 32,
         ids, pixels = [], []
         for image_id, image in zip(evalset.ids[start:start + batch_size], evalset.images[start:start + batch_size]):
             try:
-                pixels.append(image if isinstance(image, np.ndarray) else preprocess(image, sampler.image_size))
+                pixels.append(image if isinstance(image, np.ndarray) else
+                              preprocess(image, sampler.image_size, sampler.jpeg_decode))
             except ImageError as e:
                 warn(f"skipped: {e}")
                 continue

@@ -20,7 +20,7 @@ from captool.bundle import FORMAT, GRAPH_FILES, MANIFEST, SCHEMA_VERSION, sha256
 from captool.errors import CaptoolError
 from captool.files import hold, make_temp_dir, read_json, remove_stale, restore_aside, swap_into_place, write_json
 from captool.preprocess import JPEG_DECODES, PREPROCESSING, RESIZE_POLICY
-from captool.progress import phase
+from captool.progress import Progress, phase
 
 from . import jpeg_decode as jpeg_gate
 from .calibration import (CALIBRATION_IMAGES, VALIDATION_IMAGES, ImageSet, calibration_source, has_split,
@@ -141,8 +141,13 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         if precision != "fp32":
             manifest["parity"]["fp32_graphs"] = fp32_summary(fp32_report)
         if decode == "scaled":
-            with phase("export: captions of the held-out photos, full and scaled JPEG decode") as bar:
+            bar = Progress("export: held-out photos captioned with full and scaled JPEG decode", unit="images")
+            try:
                 decoding = jpeg_gate.measure(tmp, images, max_caption_change, progress=bar.update)
+            except BaseException:
+                bar.close()
+                raise
+            bar.finish()
             if not decoding.ok:
                 raise ExportError(f"{decoding.line()}: more than --max-caption-change allows; export with "
                                   f"--jpeg-decode full; no bundle was written to {out}", report=report)

@@ -35,10 +35,15 @@ def conform(bundle: Path, client: str, *, vectors: Path, pixels_only: bool = Fal
     if version != doc["preprocessing"] or manifest.image_size != doc["image_size"]:
         raise CaptoolError(f"{bundle}: preprocessing {version} at {manifest.image_size} px, the vectors are "
                            f"{doc['preprocessing']} at {doc['image_size']} px; use vectors made for this bundle")
+    rule = doc.get("jpeg_decode", "full")
+    if not pixels_only and manifest.jpeg_decode != rule:
+        raise CaptoolError(f"{bundle}: JPEG decode {manifest.jpeg_decode}, the vectors' tokens were made with "
+                           f"{rule}; use vectors made for this bundle, or --pixels-only (full decode)")
     if not pixels_only and manifest.raw["files"]["encoder.onnx"]["sha256"] != doc["bundle_encoder_sha256"]:
         raise CaptoolError(f"{bundle}: the vectors' tokens are those of {doc['bundle']}, not of this bundle; pass "
                            f"that bundle, or --pixels-only to check the pixels alone")
     entries = doc["vectors"]
+    scaled = not pixels_only and rule == "scaled"  # the client decodes by the bundle's rule; alone, in full
     paths = [str((Path(vectors) / v["file"]).resolve()) for v in entries]
     argv = shlex.split(client) + ([] if pixels_only else [str(bundle)])
     try:
@@ -65,8 +70,8 @@ def conform(bundle: Path, client: str, *, vectors: Path, pixels_only: bool = Fal
             continue
         if "error" in got:
             problems.append(f"{name}: refused by the client ({str(got['error'])[:120]}), expected pixels ({v['what']})")
-        elif got.get("sha256") != v["sha256"]:
-            problems.append(f"{name}: pixels differ ({v['what']})")
+        elif got.get("sha256") != (v.get("sha256_scaled", v["sha256"]) if scaled else v["sha256"]):
+            problems.append(f"{name}: pixels differ ({v['what']}{', scaled JPEG decode' if scaled else ''})")
         elif not pixels_only:
             for key in ("greedy", "beam3"):
                 if got.get(key) != v[key]:

@@ -79,6 +79,35 @@ def test_reference_implementation_of_the_spec(vector):
     assert hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() == vector["sha256"]
 
 
+SCALED = [v for v in VECTORS["vectors"] if "sha256_scaled" in v]
+
+
+def test_the_scaled_jpeg_rule_has_vectors_and_the_tokens_say_which_rule_made_them():
+    assert SCALED and all(v["file"].endswith(".jpg") for v in SCALED)
+    shipped = json.loads((ROOT / "models" / "shapes-attention" / "manifest.json").read_text())
+    assert VECTORS["jpeg_decode"] == shipped["image"].get("jpeg_decode", "full")
+
+
+@pytest.mark.parametrize("vector", SCALED, ids=[v["file"] for v in SCALED])
+def test_scaled_jpeg_pixels_by_captool_and_by_the_reference(vector):
+    """image.jpeg_decode "scaled": captool's preprocess, and the spec (libjpeg's DCT scaling at 1/s by
+    Pillow's draft, then reference.py's arithmetic), give the recorded pixels."""
+    path = CONFORMANCE / vector["file"]
+    x = preprocess(path, IMAGE_SIZE, "scaled")
+    assert hashlib.sha256(x.tobytes()).hexdigest() == vector["sha256_scaled"]
+    with Image.open(path) as img:
+        W, H = img.size
+        s = reference.jpeg_scale(W, H, IMAGE_SIZE)
+        assert s > 1  # else the rule would not change these pixels
+        img.draft(img.mode, (W // s, H // s))
+        assert img.size == (-(-W // s), -(-H // s))  # libjpeg's scaled size
+        img.load()
+        fmt = img.format
+        upright = ImageOps.exif_transpose(img)
+    x = reference.resize_crop(reference.to_rgb(upright, fmt), IMAGE_SIZE).transpose(2, 0, 1)
+    assert hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() == vector["sha256_scaled"]
+
+
 def test_reference_resize_on_random_sizes():
     rng = np.random.default_rng(5)
     for _ in range(25):
