@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from captool.errors import CaptoolError
-from captool.preprocess import jpeg_scale, preprocess
+from captool.preprocess import JPEG_FORMATS, jpeg_scale, preprocess
 
 from .validate import ExportError, image_files
 
@@ -45,7 +45,7 @@ class DecodeReport:
 
     def line(self) -> str:
         return (f"jpeg_decode scaled: {self.changed} of {self.images} held-out JPEGs ({self.share:.2%}) captioned "
-                f"otherwise than with the full decode (at most {self.max_share:.0%}); {self.source}")
+                f"otherwise than with the full decode (at most {self.max_share * 100:g}%); {self.source}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "share": round(self.share, 6), "ok": self.ok, "summary": self.line()}
@@ -60,7 +60,7 @@ def scaled_photos(folder: str | Path, size: int) -> tuple[list[Path], int]:
     for path in image_files(folder):
         try:
             with Image.open(path) as img:
-                if img.format == "JPEG" and jpeg_scale(*img.size, size) > 1:
+                if img.format in JPEG_FORMATS and jpeg_scale(*img.size, size) > 1:
                     chosen.append(path)
                     continue
         except Exception:  # unreadable: preprocess would refuse it under both rules

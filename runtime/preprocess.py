@@ -38,6 +38,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 # proven with (export measures the captions it changes).
 JPEG_DECODES = ("full", "scaled")
 JPEG_SCALES = (8, 4, 2, 1)
+JPEG_FORMATS = ("JPEG", "MPO")  # Pillow's names for a JPEG file; MPO: a camera's multi-picture JPEG (first picture)
 # The longer side may be at most this many times the shorter: the resize's intermediate image is
 # (ratio × size²) pixels, so a 1,000,000×1 file would otherwise ask for ~37 GB however small it is.
 MAX_ASPECT_RATIO = 100
@@ -189,7 +190,7 @@ def _decode(file, name: str, draft: int = 0) -> Image.Image:
                 if Image.MAX_IMAGE_PIXELS and img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS:
                     raise ImageError(f"{name}: refused as a decompression bomb ({img.size[0]}×{img.size[1]} "
                                      f"pixels, more than Pillow's limit of {Image.MAX_IMAGE_PIXELS})")
-                if draft and img.format == "JPEG" and jpeg_scale(*img.size, draft) > 1:
+                if draft and img.format in JPEG_FORMATS and jpeg_scale(*img.size, draft) > 1:
                     # libjpeg's DCT scaling. Pillow's draft() takes the largest s of 8, 4, 2, 1 with
                     # s <= min(W // w, H // h) for a request (w, h): (W // s, H // s) gives exactly s.
                     s = jpeg_scale(*img.size, draft)

@@ -58,7 +58,7 @@ def policy(source, size: int = S, *, exif: bool = False) -> np.ndarray:
     """The documented "scaled" rule, by Pillow directly: draft(mode, (W//s, H//s)), load, (EXIF), RGB, resize_crop."""
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with Image.open(fp) as img:
-        assert img.format == "JPEG"
+        assert img.format in ("JPEG", "MPO")
         w, h = img.size
         s = jpeg_scale(w, h, size)
         img.draft(img.mode, (w // s, h // s))
@@ -109,6 +109,28 @@ def test_scaled_equals_the_documented_policy(tmp_path, size):
     full = preprocess(path, S, "full")
     assert not np.array_equal(got, full)
     assert mad(got, full) < 2.0
+
+
+def test_a_multi_picture_jpeg_is_scaled_on_its_first_picture(tmp_path):
+    """A camera's MPO file (Pillow's format "MPO": JPEG pictures one after another) is a JPEG to the rule."""
+    first = Image.open(photo(tmp_path / "a.jpg", (640, 480), seed=1))
+    second = Image.open(photo(tmp_path / "b.jpg", (640, 480), seed=2))
+    path = tmp_path / "camera.jpg"
+    first.save(path, format="MPO", save_all=True, append_images=[second], quality=90)
+    with Image.open(path) as img:
+        assert img.format == "MPO" and img.n_frames == 2
+    got = preprocess(path, S, "scaled")
+    np.testing.assert_array_equal(got, policy(path))
+    assert not np.array_equal(got, preprocess(path, S, "full"))
+    assert load_image(path, jpeg_decode="scaled", size=S).size == (320, 240)
+
+
+def test_the_gates_line_gives_the_limit_as_set():
+    from captool.export.jpeg_decode import DecodeReport
+
+    assert "(2.00%)" in DecodeReport("held", 100, 2, 0.015).line() and "at most 1.5%" in DecodeReport("held", 100, 2, 0.015).line()
+    assert "at most 0.5%" in DecodeReport("held", 1000, 5, 0.005).line() and DecodeReport("held", 1000, 5, 0.005).ok
+    assert not DecodeReport("held", 1000, 6, 0.005).ok
 
 
 @pytest.mark.parametrize("mode, progressive", [("L", False), ("CMYK", False), ("RGB", True)])
