@@ -234,13 +234,15 @@ def _summary(seconds: list[float]) -> tuple[float, float]:
 def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images: int = 16,
           repeats: int = 20, cold: bool = True, cold_repeats: int = 3, threads: Optional[int] = None,
           image_dir: Optional[Path] = None, rates: Optional[dict] = None,
-          pipeline: Optional[dict[str, int]] = None, pipeline_batch: int = 64, against: Sequence[str] = ()) -> dict:
+          pipeline: Optional[dict[str, int]] = None, pipeline_batch: int = 64, against: Sequence[str] = (),
+          against_bundle: Optional[Path] = None) -> dict:
     """Every figure for the runtime (and PyTorch where `checkpoint` is given), as one JSON-able dict.
 
     `repeats` times each per-call figure; the batch-8 and batch-64 captions get a fifth of that (at
     least 3). `rates` replaces the machine measurement (tests pass small sizes). `pipeline`: image
     counts per kind (captool.benchmarks.pipeline.KINDS) for the pipeline section, None to skip it;
-    `against`: contenders (captool.benchmarks.contenders.CONTENDERS) measured beside captool.
+    `against`: contenders (captool.benchmarks.contenders.CONTENDERS) measured beside captool, on the graphs
+    of `against_bundle` where given (another bundle of the same model), else on the benched bundle's.
     """
     if repeats < 2 or cold_repeats < 1:
         raise CaptoolError(f"--repeats must be >= 2 and --cold-repeats >= 1, got {repeats} and {cold_repeats}")
@@ -304,9 +306,10 @@ def bench(bundle: str | Path, checkpoint: Optional[str | Path] = None, *, images
     if against:
         from .contenders import against as measure_against
 
+        graphs = open_model(against_bundle, device="cpu", threads=threads).model if against_bundle else None
         report["against"] = measure_against(runtime.model, list(against), pixels, batch64,
                                             checkpoint=Path(checkpoint) if checkpoint else None, threads=threads,
-                                            repeats=repeats, interleaved=interleaved)
+                                            repeats=repeats, interleaved=interleaved, graphs=graphs)
     if pipeline is not None:
         from .pipeline import pipeline as measure_pipeline
 

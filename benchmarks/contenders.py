@@ -137,16 +137,27 @@ def make_contenders(names: list[str], captioner, checkpoint: Optional[Path], thr
 
 
 def against(captioner, names: list[str], pixels: np.ndarray, batch64: np.ndarray, *, checkpoint: Optional[Path],
-            threads: Optional[int], repeats: int, interleaved: Callable) -> dict:
+            threads: Optional[int], repeats: int, interleaved: Callable, graphs=None) -> dict:
     """Per contender: caption latency at batch 1 (median over the images) and throughput at batch 64,
     each interleaved with captool's own calls in blocks (3 untimed, 3 timed per side), and whether
-    its tokens equal captool's."""
-    contenders, skipped = make_contenders(names, captioner, checkpoint, threads)
+    its tokens equal captool's.
+
+    `graphs`: another bundle of the same model (a Captioner) whose graphs the contenders run, e.g. the
+    fp32 bundle while captool runs the int8 one: each engine at its best on the same model."""
+    source = captioner
+    if graphs is not None:
+        if list(graphs.vocab.idx_to_token) != list(captioner.vocab.idx_to_token) or \
+                graphs.manifest.cell_type != captioner.manifest.cell_type:
+            raise CaptoolError(f"--against-bundle {graphs.manifest.root} is another model than {captioner.manifest.root} "
+                               f"(cell type or vocabulary differ); pass a bundle exported from the same checkpoint")
+        source = graphs
+    contenders, skipped = make_contenders(names, source, checkpoint, threads)
     n = len(pixels)
     singles = [pixels[i:i + 1] for i in range(n)]  # n × (1, 3, S, S)
     ours = {"caption_b1": lambda r: captioner.generate(singles[r % n]), "caption_b64": lambda r: captioner.generate(batch64)}
     want = captioner.generate(batch64)
-    out: dict = {"skipped": skipped, "contenders": {}}
+    out: dict = {"skipped": skipped, "contenders": {}, "graphs": str(source.manifest.root),
+                 "graphs_precision": source.manifest.precision}
     for label, generate in contenders.items():
         got = generate(batch64)
         rows_equal = int(np.sum(np.all(got == want, axis=1))) if got.shape == want.shape else 0
@@ -168,7 +179,8 @@ def against(captioner, names: list[str], pixels: np.ndarray, batch64: np.ndarray
 
 
 def against_lines(section: dict) -> list[str]:
-    lines = ["against (each interleaved with captool; 'captool faster by' above 1 means captool wins):",
+    lines = ["against (each interleaved with captool; 'captool faster by' above 1 means captool wins; contenders "
+             f"run {section.get('graphs', 'the same bundle')} ({section.get('graphs_precision', 'fp32')})):",
              f"{'contender':<16}{'b1 ms':>8}{'captool':>9}{'faster by':>11}{'b64 img/s':>11}{'captool':>9}"
              f"{'faster by':>11}  tokens"]
     for label, c in section["contenders"].items():

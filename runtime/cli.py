@@ -483,6 +483,9 @@ def bench_command(
                                                       "32nd of it, at least 1).")] = 256,
     against: Annotated[Optional[str], typer.Option(help="Other engines measured beside captool where installed, "
                                                         "comma-separated: openvino, torch-compile, onnxruntime.")] = None,
+    against_bundle: Annotated[Optional[Path], typer.Option(
+        help="The contenders run this bundle's graphs (the same model: e.g. the fp32 bundle while BUNDLE is the "
+             "int8 one), so each engine is measured at its best.")] = None,
 ) -> None:
     """Latency, throughput, decoder step and cold start of the runtime vs PyTorch, and the hardware floor."""
     with errors_to_exit():
@@ -500,7 +503,7 @@ def bench_command(
         report = bench(bundle, checkpoint, images=images, repeats=repeats, cold=cold,
                        cold_repeats=cold_repeats, threads=threads, image_dir=image_dir,
                        pipeline=pipeline_counts(pipeline_images) if pipeline else None,
-                       against=parse_against(against))
+                       against=parse_against(against), against_bundle=against_bundle)
         if plot is not None:
             draw(report, plot)
     typer.echo(json.dumps(report) if as_json else table(report))

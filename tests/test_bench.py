@@ -247,6 +247,22 @@ def test_contenders_refused_skipped_and_wrong_answers_named(tiny_bundle, monkeyp
     assert "DIFFER on 25% of rows" in line and "faster, but a different answer" in line
 
 
+def test_contenders_run_another_bundle_of_the_same_model(tiny_bundle, tmp_path):
+    """--against-bundle: the contenders run that bundle's graphs (the fp32 one beside an int8 captool, say)."""
+    import shutil
+
+    graphs = tmp_path / "fp32"
+    shutil.copytree(tiny_bundle("rnn"), graphs)
+    report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, against=["onnxruntime"],
+                   against_bundle=graphs)
+    assert report["against"]["graphs"] == str(graphs) and report["against"]["graphs_precision"] == "fp32"
+    assert report["against"]["contenders"]["onnxruntime"]["tokens_agree_b64"] == 1.0
+    assert f"contenders run {graphs} (fp32)" in table(report)
+    with pytest.raises(CaptoolError, match="is another model than"):
+        bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, against=["onnxruntime"],
+              against_bundle=tiny_bundle("lstm"))
+
+
 def test_openvino_contender_both_precisions(tiny_bundle):
     pytest.importorskip("openvino")
     report = bench(tiny_bundle("rnn"), images=1, repeats=2, cold=False, rates=RATES, against=["openvino"])
