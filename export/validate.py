@@ -544,6 +544,26 @@ def compare_batch(captioner, model, images: np.ndarray, source: str, *, exact=No
     return result
 
 
+def merged(chunks: list[BatchResult]) -> BatchResult:
+    """A folder's images, validated IMAGE_CHUNK at a time, as one entry of the report: the worst of each
+    output's figures, the counts summed, near-ties and mismatches indexed from the folder's first image.
+    (Per chunk, 1,000 photos made the manifest's parity 260 kB and `captool run`'s start 4 ms slower.)"""
+    first = chunks[0]
+    out = replace(first, diffs=[replace(d) for d in first.diffs], near_ties=[], mismatches=[], equal=0, batch_size=0,
+                  steps=0)
+    by_output = {(d.graph, d.output): d for d in out.diffs}
+    for chunk in chunks:
+        for d in chunk.diffs if chunk is not first else []:
+            _fold(by_output[(d.graph, d.output)], d)
+        for key in ("near_ties", "mismatches"):
+            getattr(out, key).extend({**m, "index": m["index"] + out.batch_size} for m in getattr(chunk, key))
+        out.equal += chunk.equal
+        out.batch_size += chunk.batch_size
+        out.steps = max(out.steps, chunk.steps)
+        out.generate_equal = out.generate_equal and chunk.generate_equal
+    return out
+
+
 def random_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)  # (N, 3, S, S)
 
@@ -648,13 +668,15 @@ def verify_bundle(bundle_dir: str | Path, checkpoint, *, images: str | Path | No
         if precision == "fp32":
             rng = np.random.default_rng(seed)
             batches += [compare(random_images(n, size, rng), "random") for n in batch_sizes]
+        chunks = []
         for start in range(0, len(files), IMAGE_CHUNK):
             chunk = np.stack([decoder.preprocess(p) for p in files[start:start + IMAGE_CHUNK]])  # (n, 3, S, S)
-            batches.append(compare(chunk, str(images)))
+            chunks.append(compare(chunk, str(images)))
+        batches += [merged(chunks)] if chunks else []
         if real is not None:
             # Random noise says nothing about a quantized model: its activation ranges come from real images.
-            for part in real_batches(len(real.images), batch_sizes):
-                batches.append(compare(real.images[part], real.source))
+            parts = [compare(real.images[part], real.source) for part in real_batches(len(real.images), batch_sizes)]
+            batches += parts[:len(batch_sizes)] + ([merged(parts[len(batch_sizes):])] if parts[len(batch_sizes):] else [])
     return ParityReport.for_precision(precision, batches, tolerance=tolerance, seed=seed,
                                       providers=list(captioner.providers),
                                       images=real.describe() if real is not None else None)

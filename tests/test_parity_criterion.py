@@ -294,6 +294,20 @@ def _batch(d: OutputDiff) -> BatchResult:
     return BatchResult(source="random", batch_size=1, steps=1, diffs=[d], equal=1)
 
 
+def test_a_folders_chunks_are_one_entry_of_the_report():
+    from captool.export.validate import merged
+
+    def chunk(n, bound, near=()):
+        d = OutputDiff("encoder", "h0", bound * 1e-6, 0.0, 0.0, bound=bound, rounding=1e-6, limit=1e-6, factor=8.0)
+        ties = [{"index": i, "step": 2, "gap": 1e-6, "tie_gap": 2e-6, "bundle": [4], "torch": [5]} for i in near]
+        return BatchResult(source="photos", batch_size=n, steps=n, diffs=[d], equal=n - len(ties), near_ties=ties)
+
+    one = merged([chunk(32, 0.2), chunk(32, 0.7, near=[3]), chunk(5, 0.1, near=[0])])
+    assert (one.batch_size, one.equal, one.steps) == (69, 67, 32)
+    assert [t["index"] for t in one.near_ties] == [35, 64]  # indexed from the folder's first image
+    assert one.diffs[0].bound == 0.7 and one.diffs[0].max_abs == pytest.approx(0.7e-6)
+
+
 def test_failure_names_the_worst_figure_the_bound_and_the_option():
     d = OutputDiff("decoder_step_cached", "h_next", 1.42e-4, 1e-4, 1e-6, bound=1.39, rounding=3.2e-6, limit=1.02e-4,
                    factor=32.0)
