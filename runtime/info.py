@@ -25,6 +25,8 @@ def bundle_info(bundle_dir: str | Path) -> dict[str, Any]:
         "vocab_size": len(m.vocab),
         "image_size": m.image_size,
         "resize": m.resize_policy,
+        "jpeg_decode": m.jpeg_decode,
+        "jpeg_decode_measured": parity.get("jpeg_decode", {}).get("summary") if isinstance(parity.get("jpeg_decode"), dict) else None,
         "max_length": m.max_length,
         "opset": raw.get("opset"),
         "attention_cache": m.has_attention_cache,
@@ -49,7 +51,7 @@ def info_text(info: dict[str, Any]) -> str:
         f"bundle      {info['bundle']}",
         f"model       {info['cell_type']} ({dims}), {info['precision']}",
         f"vocabulary  {info['vocab_size']} tokens; captions of at most {info['max_length']} tokens",
-        f"image       {info['image_size']}x{info['image_size']} RGB, {info['resize']}",
+        f"image       {info['image_size']}x{info['image_size']} RGB, {info['resize']}, JPEG decode {info['jpeg_decode']}",
         f"graphs      opset {info['opset']}" + (", with the attention cache" if info["attention_cache"] else ""),
     ]
     for name, size in info["files"].items():
@@ -62,6 +64,8 @@ def info_text(info: dict[str, Any]) -> str:
         rows = sum(b["batch_size"] for b in batches if isinstance(b.get("batch_size"), int))
         extra = f", caption agreement {parity['agreement']:.1%}" if isinstance(parity.get("agreement"), float) else ""
         lines.append(f"parity      {verdict} at export ({len(batches)} batches, {rows} images{extra})")
+    if info.get("jpeg_decode_measured"):
+        lines.append(f"            {info['jpeg_decode_measured']}")
     tools = ", ".join(f"{k} {v}" for k, v in info["tools"].items())
     if tools:
         lines.append(f"exported by {tools}" + (f" on {info['created']}" if info.get("created") else ""))

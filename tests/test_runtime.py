@@ -335,3 +335,31 @@ def test_wide_batches_step_on_a_multithreaded_session_with_the_same_results(tiny
     single = Captioner(bundle, device="cpu", threads=1)
     assert single.step_session(n) is single.step_session(1)  # threads=1 means one thread everywhere
     assert (captioner.generate(images) == single.generate(images)).all()
+
+
+def test_info_says_what_the_shipped_bundle_is_and_how_it_decodes_jpegs(tmp_path):
+    from typer.testing import CliRunner
+
+    from captool.cli import app
+    from captool.models import default_bundle
+
+    manifest = json.loads((default_bundle() / "manifest.json").read_text())
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert f"model       {manifest['cell_type']} (" in result.output
+    assert f"JPEG decode {manifest['image'].get('jpeg_decode', 'full')}" in result.output
+    batches = manifest["parity"]["batches"]
+    assert (f"parity      passed at export ({len(batches)} batches, {sum(b['batch_size'] for b in batches)} images"
+            in result.output)
+    if "jpeg_decode" in manifest["parity"]:  # the gate's measurement, as export printed it
+        assert manifest["parity"]["jpeg_decode"]["summary"] in result.output
+    as_json = json.loads(CliRunner().invoke(app, ["info", "--json"]).output)
+    assert as_json["jpeg_decode"] == manifest["image"].get("jpeg_decode", "full")
+    # a bundle without the field decodes in full, and says nothing of a measurement
+    plain = tmp_path / "plain"
+    shutil.copytree(default_bundle(), plain)
+    edited = {**manifest, "image": {k: v for k, v in manifest["image"].items() if k != "jpeg_decode"},
+              "parity": {k: v for k, v in manifest["parity"].items() if k != "jpeg_decode"}}
+    (plain / "manifest.json").write_text(json.dumps(edited))
+    text = CliRunner().invoke(app, ["info", str(plain)]).output
+    assert "JPEG decode full" in text and "held-out JPEGs" not in text
