@@ -147,13 +147,14 @@ def jpeg_scale(width: int, height: int, size: int) -> int:
     most the shorter side m (s <= m // (2·size)), so the decoded image is still at least twice the
     resize target and the resize's antialiasing does the rest. Measured against s <= m // size (decode
     down to the target itself): 640×480 mean pixel difference 0.28 vs 0.57 from the full decode,
-    captions changed on 1.0% vs 1.3% of 300 held-out scenes (docs/bundle-format.md)."""
+    captions changed on 1.0% vs 1.3% of 300 held-out scenes (0.5% of 1,000 for this rule; docs/export.md)."""
     room = min(width, height) // (2 * size)
     return next((s for s in JPEG_SCALES if s <= room), 1)
 
 
 def _open(path: Path, draft: int = 0) -> Image.Image:
-    """Decode a regular file's first frame fully (so the file is closed), or raise ImageError saying why.
+    """Decode a regular file's first frame (so the file is closed; a JPEG scaled where `draft` asks), or
+    raise ImageError saying why.
 
     The path is stat'ed before it is opened, so a FIFO, device or socket is refused without opening
     it (which could block or act on a device); O_NONBLOCK and a second check on the open descriptor
