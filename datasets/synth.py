@@ -105,7 +105,7 @@ def _outline(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
 def draw_scene(scene: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     """The scene as a size×size RGB image (112 in the datasets): grey background with a faint smooth
     texture. Larger sizes draw the same scene with finer edges (fewer supersamples: ~448 px each way)."""
-    s = _SUPERSAMPLE if size == IMAGE_SIZE else max(1, round(_SUPERSAMPLE * IMAGE_SIZE / size))
+    s = max(1, round(_SUPERSAMPLE * IMAGE_SIZE / size))  # 4 at 112, 1 from 448
     k = size / IMAGE_SIZE  # scene coordinates are in 112-pixel units
     grey = scene["background"]
     canvas = Image.new("RGB", (size * s, size * s), (grey, grey, grey))

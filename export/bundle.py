@@ -84,9 +84,8 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         if images is None:
             raise ExportError("--jpeg-decode scaled is measured on held-out photos before it is accepted: pass "
                               "--images DIR (e.g. made by `captool synth held --train 0 --val 500 --photo 640x480`)")
-        if not 0.0 <= max_caption_change < 1.0:
-            raise ExportError(f"--max-caption-change must be a share from 0 to below 1, got {max_caption_change}")
-        jpeg_gate.scaled_photos(images, model.config.image_size)  # too few photos: fails now, not after the export
+        jpeg_gate.check_max_share(max_caption_change)
+        photos = jpeg_gate.scaled_photos(images, model.config.image_size)  # too few: fails now, not after the export
     calibration_set = validation_set = None
     if precision != "fp32":  # read before tracing: a missing folder fails in a second, not after the export
         calibration_set, validation_set = real_images(checkpoint, model.config.image_size, precision, images,
@@ -143,7 +142,7 @@ def export_bundle(checkpoint, out: str | Path, *, precision: str = "fp32", opset
         if decode == "scaled":
             bar = Progress("export: held-out photos captioned with full and scaled JPEG decode", unit="images")
             try:
-                decoding = jpeg_gate.measure(tmp, images, max_caption_change, progress=bar.update)
+                decoding = jpeg_gate.measure(tmp, images, max_caption_change, progress=bar.update, photos=photos)
             except BaseException:
                 bar.close()
                 raise

@@ -32,9 +32,7 @@ def fold_input_projection(model: onnx.ModelProto) -> bool:
     single reader; returns False, leaving the graph untouched, when the pattern is not there.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers = _readers(graph)
-    outputs = {o.name for o in graph.output}
+    inits, readers, outputs = _index(graph)
     for matmul in graph.node:
         if matmul.op_type != "MatMul" or matmul.input[1] not in inits:
             continue
@@ -61,6 +59,11 @@ def fold_input_projection(model: onnx.ModelProto) -> bool:
         _forget_shapes(graph, {lookup.output[0], matmul.output[0], *(bias_add[0].output if bias_add else ())})
         return True
     return False
+
+
+def _index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, int], set[str]]:
+    """What a fold looks up: initializers by name, how many nodes read each value, the graph's outputs."""
+    return {i.name: i for i in graph.initializer}, _readers(graph), {o.name for o in graph.output}
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, int]:
@@ -138,9 +141,7 @@ def fold_normalization(model: onnx.ModelProto) -> bool:
     has a float32 initializer for weight; returns False, leaving the graph untouched, when the pattern is not there.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers = _readers(graph)
-    outputs = {o.name for o in graph.output}
+    inits, readers, outputs = _index(graph)
     for conv in graph.node:
         if conv.op_type != "Conv" or conv.input[1] not in inits:
             continue

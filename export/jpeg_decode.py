@@ -73,17 +73,21 @@ def scaled_photos(folder: str | Path, size: int) -> tuple[list[Path], int]:
     return chosen, skipped
 
 
-def measure(bundle_dir: str | Path, folder: str | Path, max_share: float = MAX_CAPTION_CHANGE,
-            progress=None) -> DecodeReport:
-    """Caption every affected JPEG under `folder` with the bundle twice, full and scaled decode;
-    `progress(n)` after each batch of n images."""
-    from captool.captioner import Captioner
-
+def check_max_share(max_share: float) -> None:
     if not 0.0 <= max_share < 1.0:
         raise ExportError(f"--max-caption-change must be a share from 0 to below 1, got {max_share}")
+
+
+def measure(bundle_dir: str | Path, folder: str | Path, max_share: float = MAX_CAPTION_CHANGE,
+            progress=None, photos: tuple[list[Path], int] | None = None) -> DecodeReport:
+    """Caption every affected JPEG under `folder` with the bundle twice, full and scaled decode;
+    `progress(n)` after each batch of n images. `photos`: scaled_photos(folder, size) if already made."""
+    from captool.captioner import Captioner
+
+    check_max_share(max_share)
     captioner = Captioner(bundle_dir, device="cpu")
     size = captioner.manifest.image_size
-    files, skipped = scaled_photos(folder, size)
+    files, skipped = photos if photos is not None else scaled_photos(folder, size)
     report = DecodeReport(str(folder), len(files), 0, max_share, skipped)
     vocab = captioner.vocab
     for start in range(0, len(files), BATCH):

@@ -26,7 +26,7 @@ def bundle_info(bundle_dir: str | Path) -> dict[str, Any]:
         "image_size": m.image_size,
         "resize": m.resize_policy,
         "jpeg_decode": m.jpeg_decode,
-        "jpeg_decode_measured": parity.get("jpeg_decode", {}).get("summary") if isinstance(parity.get("jpeg_decode"), dict) else None,
+        "jpeg_decode_measured": (parity.get("jpeg_decode") or {}).get("summary"),
         "max_length": m.max_length,
         "opset": raw.get("opset"),
         "attention_cache": m.has_attention_cache,

@@ -533,7 +533,7 @@ def test_export_refuses_scaled_past_max_caption_change(tiny_checkpoint, held_pho
 
     calls = []
 
-    def measure(bundle_dir, folder, max_share=gate.MAX_CAPTION_CHANGE, progress=None):
+    def measure(bundle_dir, folder, max_share=gate.MAX_CAPTION_CHANGE, progress=None, photos=None):
         manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
         calls.append((Path(folder), max_share, manifest["image"]["jpeg_decode"]))
         return gate.DecodeReport(str(folder), images=100, changed=2, max_share=max_share)
